@@ -1,0 +1,263 @@
+"""Build a real Minari dataset by rolling out the expert policy (``make-dataset``).
+
+Minari built its own Walker2d sets with an SB3 SAC expert, stochastic actions and reset seeds
+counting up from 123; we do the same with our expert. Each episode's action noise comes from a
+generator seeded by that episode's reset seed, so an episode is fully determined by its seed,
+whatever order the parallel environments finish in.
+
+The dataset is written into a staging folder and moved into place only when Minari has finished,
+so a killed or failed build never leaves a folder that looks like a dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffusion_rl.data import DEFAULT_DATASET_ID, DatasetError, datasets_root, local_dataset_path, validate_dataset_id
+from diffusion_rl.envs import ENV_ID, make_env
+
+__all__ = ["collect_episodes", "make_dataset", "random_policy_return", "dataset_summary"]
+
+FIRST_SEED = 123
+"""Reset seed of the first episode, as in Minari's MuJoCo datasets."""
+
+NoisyPolicy = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(observations (B, obs_dim), standard-normal noise (B, act_dim)) -> actions (B, act_dim)."""
+
+
+def collect_episodes(
+    policy: NoisyPolicy,
+    n_episodes: int | None = None,
+    min_steps: int = 100_000,
+    first_seed: int = FIRST_SEED,
+    n_envs: int = 16,
+    env_id: str = ENV_ID,
+    progress: bool = True,
+) -> list:
+    """Roll out ``policy`` and return Minari ``EpisodeBuffer`` objects, one per episode, in seed order.
+
+    With ``n_episodes`` set, exactly that many episodes; otherwise the fewest episodes (in seed
+    order) whose steps add up to at least ``min_steps``.
+    """
+    from minari.data_collector import EpisodeBuffer
+    from tqdm.auto import tqdm
+
+    envs = [make_env(env_id) for _ in range(n_envs)]
+    act_dim = envs[0].action_space.shape[0]
+    finished: dict[int, dict] = {}
+    slots: list[dict | None] = [None] * n_envs
+    next_episode = 0
+
+    def enough() -> bool:
+        # The first k episodes are all finished and they reach the target.
+        k, steps = 0, 0
+        while k in finished:
+            steps += len(finished[k]["actions"])
+            k += 1
+            if (n_episodes is not None and k >= n_episodes) or (n_episodes is None and steps >= min_steps):
+                return True
+        return False
+
+    def start(slot: int) -> None:
+        nonlocal next_episode
+        seed = first_seed + next_episode
+        obs, _ = envs[slot].reset(seed=seed)
+        slots[slot] = {"id": next_episode, "seed": seed, "rng": np.random.default_rng(seed),
+                       "observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        next_episode += 1
+
+    bar = tqdm(total=n_episodes or min_steps, unit="episode" if n_episodes else "step", desc="collect", disable=not progress)
+    for s in range(n_envs):
+        if n_episodes is None or next_episode < n_episodes:
+            start(s)
+    while not enough():
+        active = [s for s in range(n_envs) if slots[s] is not None]
+        obs = np.stack([slots[s]["observations"][-1] for s in active])
+        noise = np.stack([slots[s]["rng"].standard_normal(act_dim) for s in active])
+        actions = policy(obs, noise)
+        for s, action in zip(active, actions):
+            ep = slots[s]
+            o, r, term, trunc, _ = envs[s].step(action)
+            ep["observations"].append(o)
+            ep["actions"].append(np.asarray(action, np.float32))
+            ep["rewards"].append(float(r))
+            ep["terminations"].append(bool(term))
+            ep["truncations"].append(bool(trunc))
+            if not n_episodes:
+                bar.update(1)
+            if term or trunc:
+                finished[ep["id"]] = ep
+                slots[s] = None
+                if n_episodes:
+                    bar.update(1)
+                if n_episodes is None or next_episode < n_episodes:
+                    start(s)
+    bar.close()
+    for env in envs:
+        env.close()
+
+    keep, steps = [], 0
+    for k in range(len(finished)):
+        keep.append(finished[k])
+        steps += len(finished[k]["actions"])
+        if (n_episodes is not None and len(keep) >= n_episodes) or (n_episodes is None and steps >= min_steps):
+            break
+    return [
+        EpisodeBuffer(
+            id=ep["id"],
+            seed=ep["seed"],
+            observations=np.asarray(ep["observations"], np.float64),
+            actions=np.asarray(ep["actions"], np.float32),
+            rewards=np.asarray(ep["rewards"], np.float64),
+            terminations=np.asarray(ep["terminations"]),
+            truncations=np.asarray(ep["truncations"]),
+        )
+        for ep in keep
+    ]
+
+
+def random_policy_return(seeds=range(20), env_id: str = ENV_ID) -> float:
+    """Mean return of uniformly random actions over fixed seeds: the 'random' reference score."""
+    env = make_env(env_id)
+    returns = []
+    for seed in seeds:
+        env.reset(seed=seed)
+        env.action_space.seed(seed)
+        ret, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            ret, done = ret + r, term or trunc
+        returns.append(ret)
+    env.close()
+    return float(np.mean(returns))
+
+
+@contextmanager
+def _minari_root(path: Path):
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def _clean_stale(root: Path, dataset_id: str) -> None:
+    for stale in root.glob(".staging-*"):
+        if not stale.name.startswith(f".staging-{os.getpid()}-"):
+            shutil.rmtree(stale, ignore_errors=True)
+    final = local_dataset_path(dataset_id)
+    if final.exists() and not (final / "data" / "metadata.json").is_file():
+        # A half-written folder (from an interrupted minari call, say) would shadow a rebuild.
+        shutil.rmtree(final)
+
+
+def make_dataset(
+    dataset_id: str = DEFAULT_DATASET_ID,
+    n_episodes: int | None = None,
+    min_steps: int = 100_000,
+    policy_path: str | os.PathLike | None = None,
+    first_seed: int = FIRST_SEED,
+    force: bool = False,
+    progress: bool = True,
+    policy: NoisyPolicy | None = None,
+    policy_meta: dict | None = None,
+):
+    """Build (or reuse) the Minari dataset ``dataset_id`` from the expert policy; returns the MinariDataset.
+
+    An existing complete dataset is reused unless ``force``. ``policy``/``policy_meta`` override the
+    shipped expert (tests use a small untrained actor).
+    """
+    import minari
+
+    from diffusion_rl.data import load_dataset
+
+    validate_dataset_id(dataset_id)
+    root = datasets_root()
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root, dataset_id)
+    final = local_dataset_path(dataset_id)
+    if final.exists():
+        if not force:
+            return load_dataset(dataset_id, download=False)
+        shutil.rmtree(final)
+
+    if policy is None:
+        from diffusion_rl.expert import load_policy
+
+        actor, policy_meta = load_policy(policy_path)
+
+        def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return actor.with_noise(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(noise, dtype=torch.float32)).numpy()
+
+    episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress)
+    returns = np.array([ep.rewards.sum() for ep in episodes])
+    meta = policy_meta or {}
+    ref_max = meta.get("eval_stochastic", {}).get("mean")
+    description = (
+        "Walker2d-v5 episodes from the diffusion_rl SAC expert, actions sampled stochastically "
+        f"(tanh-Gaussian, per-episode noise seeded by the reset seed), reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
+        f"Policy sha256 {meta.get('sha256', 'n/a')}, deterministic eval return "
+        f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic {ref_max if ref_max is not None else float('nan'):.1f}. "
+        "Built by `python -m diffusion_rl make-dataset`. Not the official Minari mujoco/walker2d/expert-v0."
+    )
+
+    staging = root / f".staging-{os.getpid()}-{final.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with _minari_root(staging), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            minari.create_dataset_from_buffers(
+                dataset_id=dataset_id,
+                buffer=episodes,
+                env=make_env().spec,
+                algorithm_name="SAC (diffusion_rl.expert), stochastic actions",
+                author="diffusion-rl contributors",
+                author_email="see the repository",
+                code_permalink="diffusion_rl/collect.py",
+                ref_min_score=random_policy_return() if ref_max is not None else None,
+                ref_max_score=ref_max,
+                description=description,
+                requirements=["mujoco>=3.0", "gymnasium>=1.0"],
+            )
+        staged = staging.joinpath(*dataset_id.split("/"))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not (final.parent / "namespace_metadata.json").exists() and (staged.parent / "namespace_metadata.json").exists():
+            shutil.copy2(staged.parent / "namespace_metadata.json", final.parent / "namespace_metadata.json")
+        os.replace(staged, final)  # the one step that makes the dataset visible
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    ds = load_dataset(dataset_id, download=False)
+    if len(returns) != ds.total_episodes:
+        raise DatasetError(f"Wrote {len(returns)} episodes but read back {ds.total_episodes}.")
+    return ds
+
+
+def dataset_summary(ds) -> dict:
+    """Episodes, steps, mean/std return, falls and the reference scores of a Minari dataset."""
+    returns = np.array([float(np.sum(ep.rewards)) for ep in ds.iterate_episodes()])
+    falls = sum(bool(ep.terminations[-1]) for ep in ds.iterate_episodes())
+    md = ds.storage.metadata
+    return {
+        "dataset_id": ds.spec.dataset_id,
+        "episodes": int(ds.total_episodes),
+        "steps": int(ds.total_steps),
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "falls": int(falls),
+        "ref_min_score": md.get("ref_min_score"),
+        "ref_max_score": md.get("ref_max_score"),
+        "path": str(local_dataset_path(ds.spec.dataset_id)),
+    }

@@ -1,0 +1,17 @@
+"""The Walker2d environment, made the same way everywhere in the project."""
+
+from __future__ import annotations
+
+import diffusion_rl  # noqa: F401  (sets MUJOCO_GL before mujoco is imported)
+
+import gymnasium as gym
+
+__all__ = ["ENV_ID", "make_env"]
+
+ENV_ID = "Walker2d-v5"
+"""The environment Minari's own ``mujoco/walker2d/*-v0`` datasets were collected in."""
+
+
+def make_env(env_id: str = ENV_ID, render_mode: str | None = None, **kwargs) -> gym.Env:
+    """Make a Walker2d environment (1000-step time limit, as in Minari and D4RL)."""
+    return gym.make(env_id, render_mode=render_mode, **kwargs)

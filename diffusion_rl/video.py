@@ -1,0 +1,291 @@
+"""Render Walker2d poses offscreen and turn them into mp4 videos that embed in the book.
+
+MuJoCo is imported inside the functions, never at module import: a machine without a working
+OpenGL backend can still train and evaluate, and only the call that draws pictures fails, with
+a :class:`RenderError` that says what to install.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from diffusion_rl.envs import ENV_ID, make_env  # also sets MUJOCO_GL before mujoco loads
+
+if TYPE_CHECKING:
+    from IPython.display import HTML
+
+__all__ = [
+    "DEFAULT_EVERY",
+    "DEFAULT_FPS",
+    "DEFAULT_HEIGHT",
+    "DEFAULT_WIDTH",
+    "ENV_DT",
+    "RenderError",
+    "check_gl",
+    "integrate_x",
+    "qpos_from_observation",
+    "render_states",
+    "rollout_frames",
+    "save_mp4",
+    "show_video",
+    "video_html",
+]
+
+ENV_DT = 0.008
+"""Seconds per Walker2d-v5 step: 4 MuJoCo substeps of 0.002 s, i.e. 125 steps per second."""
+
+DEFAULT_WIDTH = 320
+DEFAULT_HEIGHT = 240
+DEFAULT_EVERY = 2
+"""Render every 2nd step: 500 frames for a full 1000-step episode."""
+DEFAULT_FPS = 30
+"""With ``DEFAULT_EVERY`` this plays at 0.48x real time, slow enough to follow the gait."""
+
+_TRIVIAL_MODEL = "<mujoco><worldbody><geom size='0.1'/></worldbody></mujoco>"
+
+# Side view of the gymnasium Walker2d default camera (distance 4, elevation -20, look at
+# z = 1.15), but re-centred on the torso each frame: a planned trajectory can jump, and a
+# smoothed MuJoCo tracking camera would lag behind it.
+_CAM_DISTANCE = 3.0
+_CAM_ELEVATION = -20.0
+_CAM_AZIMUTH = 90.0
+_CAM_LOOKAT_Z = 1.0
+
+_gl_backend: str | None = None
+
+
+class RenderError(RuntimeError):
+    """MuJoCo cannot render offscreen on this machine; the message says how to fix it."""
+
+
+def _gl_help(backend: str, err: BaseException, mujoco_imported: bool) -> str:
+    """Explain a failed offscreen render and what to install or set."""
+    scope = (
+        "Only rendering needs OpenGL; simulation, training and evaluation do not."
+        if mujoco_imported
+        # An invalid MUJOCO_GL, or a missing OSMesa, makes `import mujoco` itself fail.
+        else "mujoco itself fails to import, so simulation is broken too until this is fixed."
+    )
+    return (
+        f"MuJoCo cannot render offscreen with MUJOCO_GL={backend!r}: "
+        f"{type(err).__name__}: {err}\n"
+        f"{scope} To render:\n"
+        "  * EGL (headless; GPU drivers or Mesa software rendering), on Debian/Ubuntu:\n"
+        "      sudo apt-get install libegl1 libgl1 libgles2 libegl-mesa0\n"
+        "    and use MUJOCO_GL=egl (diffusion_rl's default when MUJOCO_GL is unset).\n"
+        "  * or OSMesa (pure software, slower):\n"
+        "      sudo apt-get install libosmesa6\n"
+        "    and set MUJOCO_GL=osmesa and PYOPENGL_PLATFORM=osmesa.\n"
+        "Set MUJOCO_GL before Python imports mujoco, e.g. `MUJOCO_GL=osmesa jupyter-book build .`,\n"
+        "or `os.environ['MUJOCO_GL'] = 'osmesa'` in a notebook's first cell after restarting the kernel."
+    )
+
+
+def check_gl() -> str:
+    """Render one tiny offscreen frame and return the MUJOCO_GL backend, or raise RenderError."""
+    global _gl_backend
+    if _gl_backend is not None:
+        return _gl_backend
+    backend = os.environ.get("MUJOCO_GL", "")
+    # Broken GL surfaces as many exception types (ImportError, AttributeError, RuntimeError,
+    # PyOpenGL's FatalError), some of them while mujoco itself is imported.
+    try:
+        import mujoco
+    except Exception as err:
+        raise RenderError(_gl_help(backend, err, mujoco_imported=False)) from err
+    try:
+        model = mujoco.MjModel.from_xml_string(_TRIVIAL_MODEL)
+        with mujoco.Renderer(model, height=8, width=8) as renderer:
+            renderer.update_scene(mujoco.MjData(model))
+            renderer.render()
+    except Exception as err:
+        raise RenderError(_gl_help(backend, err, mujoco_imported=True)) from err
+    _gl_backend = backend
+    return backend
+
+
+def qpos_from_observation(obs: np.ndarray, x: np.ndarray | float = 0.0) -> np.ndarray:
+    """Rebuild Walker2d qpos (..., 9) from observations (..., 17) and the root x they omit."""
+    # Walker2d-v5 drops rootx so the policy cannot depend on where it is; obs[..., :8] is
+    # qpos[1:] (rootz, rooty, 6 joint angles) and obs[..., 8:] is qvel clipped to [-10, 10].
+    obs = np.asarray(obs, dtype=np.float64)
+    if obs.shape[-1] != 17:
+        raise ValueError(f"expected Walker2d observations with 17 dims, got shape {obs.shape}")
+    x = np.broadcast_to(np.asarray(x, dtype=np.float64), obs.shape[:-1])
+    return np.concatenate([x[..., None], obs[..., :8]], axis=-1)
+
+
+def integrate_x(obs_seq: np.ndarray, dt: float = ENV_DT, x0: float = 0.0) -> np.ndarray:
+    """Root x positions (T,) for observations (T, 17) by integrating the x velocity obs[:, 8]."""
+    # obs velocities are clipped at 10 m/s, far above a walker's speed, so x is unaffected.
+    vx = np.asarray(obs_seq, dtype=np.float64)[:, 8]
+    # Trapezoid rule: each step moves by the mean of the velocities at its two ends, which
+    # tracks the simulator's x much closer than using either end alone.
+    steps = 0.5 * (vx[1:] + vx[:-1]) * dt
+    return x0 + np.concatenate([[0.0], np.cumsum(steps)])
+
+
+@functools.lru_cache(maxsize=2)
+def _walker_renderer(width: int, height: int):
+    """A Renderer plus its own MjData for the Walker2d model, shared by calls of one size."""
+    import mujoco
+
+    env = make_env(ENV_ID)
+    model = env.unwrapped.model
+    env.close()
+    # Shadows and reflections cost several times the rest of the frame on software GL.
+    model.vis.quality.shadowsize = 0
+    model.mat_reflectance[:] = 0.0
+    model.vis.global_.offwidth = max(model.vis.global_.offwidth, width)
+    model.vis.global_.offheight = max(model.vis.global_.offheight, height)
+    renderer = mujoco.Renderer(model, height=height, width=width)
+    renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+    renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    return renderer, mujoco.MjData(model)
+
+
+def _tracking_camera(torso_x: float):
+    """A free camera looking at the torso from the side, as gymnasium's default does."""
+    import mujoco
+
+    cam = mujoco.MjvCamera()
+    cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+    cam.distance = _CAM_DISTANCE
+    cam.elevation = _CAM_ELEVATION
+    cam.azimuth = _CAM_AZIMUTH
+    cam.lookat[:] = (torso_x, 0.0, _CAM_LOOKAT_Z)
+    return cam
+
+
+def render_states(
+    qpos: np.ndarray,
+    qvel: np.ndarray | None = None,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    camera: str | int | None = None,
+) -> np.ndarray:
+    """Render Walker2d poses qpos (T, 9) as uint8 frames (T, H, W, 3); camera None tracks the torso."""
+    import mujoco
+
+    check_gl()
+    qpos = np.atleast_2d(np.asarray(qpos, dtype=np.float64))
+    renderer, data = _walker_renderer(int(width), int(height))
+    model = renderer.model
+    if qpos.shape[1] != model.nq:
+        raise ValueError(f"expected qpos with {model.nq} dims, got shape {qpos.shape}")
+    # Velocities do not change the picture; they are accepted so a full state can be passed.
+    qvel = np.zeros((len(qpos), model.nv)) if qvel is None else np.atleast_2d(qvel)
+    torso = model.body("torso").id
+    frames = np.empty((len(qpos), height, width, 3), dtype=np.uint8)
+    for i, (q, v) in enumerate(zip(qpos, qvel, strict=True)):
+        data.qpos[:] = q
+        data.qvel[:] = v
+        mujoco.mj_forward(model, data)
+        cam = _tracking_camera(data.xpos[torso, 0]) if camera is None else camera
+        renderer.update_scene(data, camera=cam)
+        renderer.render(out=frames[i])
+    return frames
+
+
+def rollout_frames(
+    policy: Callable[[np.ndarray], np.ndarray],
+    seed: int,
+    max_steps: int = 1000,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    every: int = DEFAULT_EVERY,
+) -> tuple[np.ndarray, float]:
+    """Run one seeded Walker2d-v5 episode with policy(obs) -> action; return (frames, return)."""
+    env = make_env(ENV_ID)
+    try:
+        obs, _ = env.reset(seed=seed)
+        qposes = [env.unwrapped.data.qpos.copy()]
+        total = 0.0
+        for step in range(1, max_steps + 1):
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            total += float(reward)
+            # Always keep the last pose so a fall is visible even between sampled frames.
+            done = terminated or truncated or step == max_steps
+            if step % every == 0 or done:
+                qposes.append(env.unwrapped.data.qpos.copy())
+            if done:
+                break
+    finally:
+        env.close()
+    return render_states(np.stack(qposes), width=width, height=height), total
+
+
+def save_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = DEFAULT_FPS) -> Path:
+    """Write uint8 frames (T, H, W, 3) as an h264/yuv420p mp4, atomically; return the path."""
+    import imageio_ffmpeg
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+        raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    # yuv420p stores colour at half resolution, so odd sizes are padded by one edge pixel.
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder so os.replace is an atomic rename; the .mp4 suffix tells ffmpeg the container.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
+    os.close(fd)
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            tmp,
+            size=(frames.shape[2], frames.shape[1]),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            macro_block_size=1,
+            # faststart puts the index first, so browsers can play before the end arrives.
+            output_params=["-movflags", "+faststart"],
+        )
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def video_html(
+    frames_or_path: np.ndarray | str | os.PathLike,
+    width: int | None = None,
+    fps: int = DEFAULT_FPS,
+) -> str:
+    """An HTML <video> tag with the mp4 inlined as base64, so a built page needs no extra file."""
+    if isinstance(frames_or_path, np.ndarray):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = save_mp4(frames_or_path, Path(tmp) / "video.mp4", fps=fps).read_bytes()
+    else:
+        data = Path(frames_or_path).read_bytes()
+    size = f' width="{int(width)}"' if width is not None else ""
+    b64 = base64.b64encode(data).decode("ascii")
+    return (
+        f"<video controls loop autoplay muted playsinline{size}>"
+        f'<source src="data:video/mp4;base64,{b64}" type="video/mp4"></video>'
+    )
+
+
+def show_video(
+    frames_or_path: np.ndarray | str | os.PathLike,
+    width: int | None = None,
+    fps: int = DEFAULT_FPS,
+) -> HTML:
+    """Display frames or an mp4 file inline in a notebook, embedded in the saved output."""
+    from IPython.display import HTML
+
+    return HTML(video_html(frames_or_path, width=width, fps=fps))

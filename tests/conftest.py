@@ -1,0 +1,34 @@
+"""Shared fixtures: every test gets its own Minari folder and a single torch thread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion_rl  # noqa: F401  (sets MUJOCO_GL before anything imports mujoco)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def minari_root(tmp_path, monkeypatch):
+    """Point Minari at a fresh folder so tests never touch the user's datasets."""
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    return root
+
+
+@pytest.fixture
+def tiny_policy():
+    """A small untrained actor as a noisy policy: fast, and it falls quickly (short episodes)."""
+    from diffusion_rl.expert import Actor
+
+    torch.manual_seed(0)
+    actor = Actor(17, 6, hidden=32)
+
+    def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return actor.with_noise(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(noise, dtype=torch.float32)).numpy()
+
+    return policy
