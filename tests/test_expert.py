@@ -1,0 +1,181 @@
+"""The SAC expert: exact resume after a real kill, safe checkpoints, the shipped policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion_rl.expert import EVAL_SEEDS, Actor, SACConfig, evaluate_policy, load_policy, shipped_policy_path, train_sac
+
+TINY = SACConfig(total_steps=1500, learning_starts=300, batch_size=32, hidden=32, eval_every=500, eval_episodes=1, checkpoint_every=250)
+TINY_ARGS = ["--total-steps", "1500", "--learning-starts", "300", "--batch-size", "32", "--hidden", "32",
+             "--eval-every", "500", "--eval-episodes", "1", "--checkpoint-every", "250", "--no-progress"]
+
+
+def actor_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoint.pt", kind="sac")["agent"]["actor"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref")
+    train_sac(TINY, run, progress=False)
+    return run
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "diffusion_rl", *args]
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_weights(reference_run, tmp_path):
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(cli("train-expert", "--run-dir", str(run), *TINY_ARGS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Kill it for real once at least one checkpoint exists and training has moved past it.
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    step_at_kill = load_checkpoint(run / "checkpoint.pt", kind="sac")["step"]
+    assert 0 < step_at_kill < TINY.total_steps
+    subprocess.run(cli("train-expert", "--run-dir", str(run), *TINY_ARGS), check=True, capture_output=True)
+    assert load_checkpoint(run / "checkpoint.pt", kind="sac")["step"] == TINY.total_steps
+    assert_same_weights(actor_weights(run), actor_weights(reference_run))
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(reference_run, tmp_path):
+    run = tmp_path / "termed"
+    args = [a if a != "250" else "100000" for a in TINY_ARGS]  # no periodic checkpoints: only the signal's
+    proc = subprocess.Popen(cli("train-expert", "--run-dir", str(run), *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert '"env_step": 500' in proc.stdout.readline()  # the first evaluation: training is under way
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 0
+    step = load_checkpoint(run / "checkpoint.pt", kind="sac")["step"]
+    assert 0 < step < TINY.total_steps, "the run should have been stopped mid-way"
+    train_sac(replace(TINY, checkpoint_every=100000), run, progress=False)
+    assert_same_weights(actor_weights(run), actor_weights(reference_run))
+
+
+def test_thread_count_does_not_change_the_weights(tmp_path):
+    cfg = replace(TINY, total_steps=340, hidden=256, batch_size=256, learning_starts=300)
+    train_sac(replace(cfg, threads=1), tmp_path / "t1", progress=False)
+    train_sac(replace(cfg, threads=2), tmp_path / "t2", progress=False)
+    assert_same_weights(actor_weights(tmp_path / "t1"), actor_weights(tmp_path / "t2"))
+
+
+def test_resume_with_another_algorithm_config_is_refused(reference_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        train_sac(replace(TINY, batch_size=64), run, progress=False)
+
+
+def test_curve_is_written(reference_run):
+    lines = (reference_run / "curve.csv").read_text().splitlines()
+    assert lines[0].startswith("env_step,wall_time_s,eval_mean")
+    assert [int(l.split(",")[0]) for l in lines[1:]] == [500, 1000, 1500]
+
+
+# ----------------------------------------------------------------------------- unsafe or broken files
+
+
+def test_truncated_checkpoint_gives_a_clear_error(reference_run, tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    data = (reference_run / "checkpoint.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupted"):
+        load_checkpoint(bad)
+
+
+def test_not_a_checkpoint_at_all(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_foreign_torch_file_and_wrong_kind(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no 'kind'"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    save_checkpoint(tmp_path / "diffuser.pt", {"kind": "diffuser"})
+    with pytest.raises(CheckpointError, match="'diffuser' checkpoint, but a 'sac'"):
+        load_checkpoint(tmp_path / "diffuser.pt", kind="sac")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_with_code_is_never_executed(tmp_path):
+    torch.save({"kind": "sac", "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", {"kind": "x", "v": torch.ones(2)})
+    save_checkpoint(tmp_path / "a.pt", {"kind": "x", "v": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+    assert torch.equal(load_checkpoint(tmp_path / "a.pt")["v"], torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------- the shipped policy
+
+
+def test_shipped_policy_verifies_and_reproduces_its_sidecar():
+    actor, meta = load_policy()
+    assert meta["env_id"] == "Walker2d-v5" and meta["eval_seeds"] == list(EVAL_SEEDS)
+    returns = evaluate_policy(actor, EVAL_SEEDS[:2], deterministic=True)
+    np.testing.assert_allclose(returns, meta["eval_deterministic"]["returns"][:2], rtol=1e-3)
+    for key in ("command", "seed", "env_steps", "wall_time_s", "sha256"):
+        assert key in meta
+
+
+def test_shipped_policy_is_small():
+    assert shipped_policy_path().stat().st_size < 2_000_000
+
+
+def test_tampered_policy_is_refused(tmp_path):
+    path = tmp_path / shipped_policy_path().name
+    shutil.copy(shipped_policy_path(), path)
+    shutil.copy(shipped_policy_path().with_suffix(".json"), path.with_suffix(".json"))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_policy(path)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_policy(tmp_path / "nothing.safetensors")
+
+
+def test_actor_noise_interface_matches_sampling():
+    actor = Actor(17, 6, 32)
+    obs = torch.randn(5, 17)
+    assert torch.equal(actor.with_noise(obs, torch.zeros(5, 6)), actor.deterministic(obs))
+    a = actor.with_noise(obs, torch.randn(5, 6))
+    assert a.shape == (5, 6) and (a.abs() <= 1).all()
