@@ -153,9 +153,21 @@ def _minari_root(path: Path):
             os.environ["MINARI_DATASETS_PATH"] = old
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _clean_stale(root: Path, dataset_id: str) -> None:
     for stale in root.glob(".staging-*"):
-        if not stale.name.startswith(f".staging-{os.getpid()}-"):
+        pid = stale.name.split("-")[1]
+        # Left by a build that was killed; a build still running elsewhere keeps its folder.
+        if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     final = local_dataset_path(dataset_id)
     if final.exists() and not (final / "data" / "metadata.json").is_file():
@@ -190,7 +202,15 @@ def make_dataset(
     final = local_dataset_path(dataset_id)
     if final.exists():
         if not force:
-            return load_dataset(dataset_id, download=False)
+            ds = load_dataset(dataset_id, download=False)
+            too_small = ds.total_episodes != n_episodes if n_episodes is not None else ds.total_steps < min_steps
+            if too_small:
+                raise DatasetError(
+                    f"{dataset_id} already exists with {ds.total_episodes} episodes and {ds.total_steps} steps, not the "
+                    f"{f'{n_episodes} episodes' if n_episodes is not None else f'{min_steps}+ steps'} asked for. "
+                    "Rebuild it with --force (force=True) or choose another dataset id."
+                )
+            return ds
         shutil.rmtree(final)
 
     if policy is None:

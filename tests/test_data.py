@@ -198,6 +198,8 @@ def test_tiny_dataset_written_and_reread_in_a_fresh_process(tiny_policy, minari_
     # Fixed seeds: the same episodes again, and a complete dataset is reused rather than rebuilt.
     again = make_dataset("walker2d/tiny-v0", n_episodes=4, policy=None, progress=False)
     assert dataset_summary(again) == summary
+    with pytest.raises(DatasetError, match="already exists with 4 episodes.*--force"):
+        make_dataset("walker2d/tiny-v0", n_episodes=5, policy=tiny_policy, progress=False)
     rebuilt = make_dataset("walker2d/tiny-v0", n_episodes=4, policy=tiny_policy, force=True, progress=False)
     assert dataset_summary(rebuilt)["mean_return"] == summary["mean_return"]
 

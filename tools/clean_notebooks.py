@@ -1,0 +1,57 @@
+"""Strip outputs from the book's notebooks before committing, except cells checked by nbval.
+
+Cells whose first line is ``# NBVAL_CHECK_OUTPUT`` keep their (small, deterministic) output so
+that ``pytest --nbval-lax`` has something to compare against. Usage:
+
+    python tools/clean_notebooks.py book/*.ipynb            # strip in place
+    python tools/clean_notebooks.py --execute book/01_data.ipynb   # run first, then strip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+MARK = "# NBVAL_CHECK_OUTPUT"
+
+
+def clean(path: Path) -> None:
+    nb = json.loads(path.read_text())
+    count = 0
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        cell["metadata"] = {k: v for k, v in cell.get("metadata", {}).items() if k in ("tags",)}
+        keep = "".join(cell["source"]).lstrip().startswith(MARK)
+        if keep:
+            count += 1
+            cell["execution_count"] = count
+            cell["outputs"] = [o for o in cell["outputs"] if o.get("output_type") in ("stream", "execute_result")]
+            for o in cell["outputs"]:
+                if "execution_count" in o:
+                    o["execution_count"] = count
+        else:
+            cell["outputs"], cell["execution_count"] = [], None
+    nb["metadata"] = {k: nb["metadata"][k] for k in ("kernelspec", "language_info") if k in nb["metadata"]}
+    nb["metadata"].get("language_info", {}).pop("version", None)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("--execute", action="store_true", help="execute each notebook in place first")
+    args = parser.parse_args()
+    for path in args.notebooks:
+        if args.execute:
+            subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
+                            "--ExecutePreprocessor.timeout=600", str(path)], check=True)
+        clean(path)
+        print(f"cleaned {path}")
+
+
+if __name__ == "__main__":
+    main()
