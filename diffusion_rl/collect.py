@@ -23,6 +23,7 @@ import torch
 
 from diffusion_rl.data import DEFAULT_DATASET_ID, DatasetError, datasets_root, local_dataset_path, validate_dataset_id
 from diffusion_rl.envs import ENV_ID, make_env
+from diffusion_rl.runtime import torch_threads
 
 __all__ = ["collect_episodes", "make_dataset", "random_policy_return", "dataset_summary"]
 
@@ -222,7 +223,8 @@ def make_dataset(
             with torch.no_grad():
                 return actor.with_noise(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(noise, dtype=torch.float32)).numpy()
 
-    episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress)
+    with torch_threads(1):
+        episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress)
     returns = np.array([ep.rewards.sum() for ep in episodes])
     meta = policy_meta or {}
     ref_max = meta.get("eval_stochastic", {}).get("mean")

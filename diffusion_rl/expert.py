@@ -37,6 +37,7 @@ from diffusion_rl.checkpoint import (
     sha256_file,
 )
 from diffusion_rl.envs import ENV_ID, make_env
+from diffusion_rl.runtime import torch_threads
 
 __all__ = [
     "SACConfig",
@@ -300,16 +301,17 @@ def evaluate_policy(
     envs = gym.vector.SyncVectorEnv(
         [lambda: make_env(env_id) for _ in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
-    try:
-        obs, _ = envs.reset(seed=list(seeds))
-        returns = np.zeros(len(seeds))
-        alive = np.ones(len(seeds), bool)
-        while alive.any():
-            obs, reward, terminated, truncated, _ = envs.step(actor.act(obs, deterministic=deterministic))
-            returns += reward * alive
-            alive &= ~(terminated | truncated)
-    finally:
-        envs.close()
+    with torch_threads(1):
+        try:
+            obs, _ = envs.reset(seed=list(seeds))
+            returns = np.zeros(len(seeds))
+            alive = np.ones(len(seeds), bool)
+            while alive.any():
+                obs, reward, terminated, truncated, _ = envs.step(actor.act(obs, deterministic=deterministic))
+                returns += reward * alive
+                alive &= ~(terminated | truncated)
+        finally:
+            envs.close()
     return returns
 
 
