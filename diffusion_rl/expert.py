@@ -326,8 +326,9 @@ def _reset_seed(cfg: SACConfig, episode: int) -> int:
 def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train (or resume) SAC in ``run_dir``; returns the path of the final checkpoint.
 
-    The run keeps ``checkpoint.pt`` (written atomically at episode ends) and ``curve.csv``. Run the
-    same call again after a kill and it continues from the last checkpoint to the same weights.
+    The run keeps ``checkpoint.pt`` (written atomically every ``checkpoint_every`` steps, mid-episode
+    included, and on SIGTERM/SIGINT) and ``curve.csv``. Run the same call again after a kill and it
+    continues from the last checkpoint to the same weights as an uninterrupted run.
     """
     from tqdm.auto import tqdm
 
@@ -387,7 +388,7 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
         obs, ep_return, ep_len = _restore_env(env, resume_env)
     t0 = time.perf_counter() - wall
     stop = _StopOnSignal()
-    bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc="SAC", unit="step", smoothing=0.05)
+    bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc="SAC", unit="step", smoothing=0.05, mininterval=1.0)
     while step < cfg.total_steps:
         if step < cfg.learning_starts:
             action = rng.uniform(-1.0, 1.0, act_dim)
