@@ -220,8 +220,7 @@ def make_dataset(
         actor, policy_meta = load_policy(policy_path)
 
         def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return actor.with_noise(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(noise, dtype=torch.float32)).numpy()
+            return actor.act(obs, noise=noise)
 
     with torch_threads(1):
         episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress)

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from diffusion_rl.checkpoint import (
     CheckpointError,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
@@ -139,11 +140,26 @@ class Actor(nn.Module):
         return torch.tanh(self._mean_log_std(obs)[0])
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
-        """Numpy in, numpy out, for env loops. Works for one observation or a batch."""
-        x = torch.as_tensor(obs, dtype=torch.float32)
-        a = self.deterministic(x) if deterministic else self.sample(x)[0]
-        return a.numpy().astype(np.float64)
+    def act(self, obs: np.ndarray, deterministic: bool = False, noise: np.ndarray | None = None) -> np.ndarray:
+        """Numpy in, numpy out, for env loops: one observation (obs_dim,) or a batch (B, obs_dim).
+
+        A batch is computed row by row. Matmul kernels add up in a different order for different
+        batch sizes, and MuJoCo amplifies that last-bit difference into a different episode, so an
+        episode's actions must not depend on which other episodes share its batch. ``noise``
+        (standard normal, same leading shape, act_dim last) replaces the generator's draws.
+        """
+        x = torch.as_tensor(obs, dtype=torch.float32).reshape(-1, self.obs_dim)
+        eps = None if noise is None else torch.as_tensor(noise, dtype=torch.float32).reshape(-1, self.act_dim)
+        rows = []
+        for i in range(len(x)):
+            xi = x[i : i + 1]
+            if deterministic:
+                rows.append(self.deterministic(xi))
+            elif eps is not None:
+                rows.append(self.with_noise(xi, eps[i : i + 1]))
+            else:
+                rows.append(self.sample(xi)[0])
+        return torch.cat(rows).reshape(*np.shape(obs)[:-1], self.act_dim).numpy().astype(np.float64)
 
 
 class EnsembleLinear(nn.Module):
@@ -502,7 +518,7 @@ def shipped_policy_path() -> Path:
 
 def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | None = None, command: str | None = None) -> dict:
     """Write the actor of a SAC checkpoint as safetensors plus a JSON sidecar with its evaluation."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     state = load_checkpoint(checkpoint_path, kind="sac")
     cfg = SACConfig(**state["config"])
@@ -518,9 +534,7 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
 
     out = Path(out) if out else shipped_policy_path()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in actor.state_dict().items()}, str(tmp))
-    os.replace(tmp, out)
+    atomic_write_bytes(out, safetensors_bytes({k: v.contiguous() for k, v in actor.state_dict().items()}))
     sidecar = {
         "file": out.name,
         "sha256": sha256_file(out),
@@ -530,6 +544,7 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
         "act_dim": act_dim,
         "hidden": cfg.hidden,
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "train_command": _train_command(cfg),
         "seed": cfg.seed,
         "env_steps": int(state["step"]),
         "wall_time_s": round(float(state["wall_time"]), 1),
@@ -542,6 +557,13 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
     }
     atomic_write_json(out.with_suffix(".json"), sidecar)
     return sidecar
+
+
+def _train_command(cfg: SACConfig) -> str:
+    """The train-expert command line that reproduces ``cfg`` (options that differ from the defaults)."""
+    default = SACConfig()
+    opts = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(default, k) or k == "seed"]
+    return "python -m diffusion_rl train-expert --run-dir runs/expert-sac " + " ".join(opts)
 
 
 def load_policy(path: str | os.PathLike | None = None) -> tuple[Actor, dict]:

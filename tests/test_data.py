@@ -247,11 +247,11 @@ def test_killed_write_leaves_nothing_a_rerun_would_trust(minari_root, tiny_polic
     # A real SIGKILL while minari is writing the episodes.
     script = textwrap.dedent(
         """
-        import os, signal, torch
+        import os, signal
         from diffusion_rl.expert import Actor
         from diffusion_rl.collect import make_dataset
         actor = Actor(17, 6, hidden=32)
-        pol = lambda o, n: actor.with_noise(torch.as_tensor(o, dtype=torch.float32), torch.as_tensor(n, dtype=torch.float32)).detach().numpy()
+        pol = lambda o, n: actor.act(o, noise=n)
         import minari.dataset._storages.hdf5_storage as h5
         real = h5.HDF5Storage.update_episodes
         def die(self, episodes):

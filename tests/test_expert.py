@@ -173,6 +173,17 @@ def test_tampered_policy_is_refused(tmp_path):
         load_policy(tmp_path / "nothing.safetensors")
 
 
+def test_actions_do_not_depend_on_the_batch_they_share():
+    torch.manual_seed(0)
+    actor = Actor(17, 6, 256)
+    obs = np.random.default_rng(0).normal(size=(20, 17))
+    together = actor.act(obs, deterministic=True)
+    alone = np.stack([actor.act(o, deterministic=True) for o in obs])
+    np.testing.assert_array_equal(together, alone)
+    noise = np.random.default_rng(1).normal(size=(20, 6))
+    np.testing.assert_array_equal(actor.act(obs, noise=noise)[:3], actor.act(obs[:3], noise=noise[:3]))
+
+
 def test_actor_noise_interface_matches_sampling():
     actor = Actor(17, 6, 32)
     obs = torch.randn(5, 17)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 MARK = "# NBVAL_CHECK_OUTPUT"
@@ -40,6 +38,16 @@ def clean(path: Path) -> None:
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+def execute(path: Path) -> None:
+    """Run a notebook top to bottom in its own folder and save the outputs in place."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(nb, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="+", type=Path)
@@ -47,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     for path in args.notebooks:
         if args.execute:
-            subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-                            "--ExecutePreprocessor.timeout=600", str(path)], check=True)
+            execute(path)
         clean(path)
         print(f"cleaned {path}")
 
