@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-export MPLBACKEND ?= Agg
 export MUJOCO_GL ?= egl
 
 .PHONY: book test setup clean

@@ -27,3 +27,6 @@ def test_book_builds_without_warnings(tmp_path):
     data_page = (html / "book" / "01_data.html").read_text()
     assert re.search(r"<video[^>]*>\s*<source src=\"data:video/mp4;base64,", data_page), "the episode video is not embedded"
     assert "colab.research.google.com" in data_page, "no Colab launch button"
+    figures = re.findall(r'<img[^>]+src="\.\./_images/([^"]+\.png)"', data_page)
+    assert len(figures) >= 2, "the chapter's figures are missing (a non-inline matplotlib backend?)"
+    assert all((html / "_images" / name).is_file() for name in figures)
