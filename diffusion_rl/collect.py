@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from diffusion_rl.data import DEFAULT_DATASET_ID, DatasetError, datasets_root, local_dataset_path, validate_dataset_id
 from diffusion_rl.envs import ENV_ID, make_env
@@ -84,7 +83,7 @@ def collect_episodes(
         obs = np.stack([slots[s]["observations"][-1] for s in active])
         noise = np.stack([slots[s]["rng"].standard_normal(act_dim) for s in active])
         actions = policy(obs, noise)
-        for s, action in zip(active, actions):
+        for s, action in zip(active, actions, strict=True):
             ep = slots[s]
             o, r, term, trunc, _ = envs[s].step(action)
             ep["observations"].append(o)

@@ -155,6 +155,10 @@ class Episode:
     def __len__(self) -> int:
         return len(self.actions)
 
+    def transitions(self) -> np.ndarray:
+        """The episode as rows [a_t | s_t], shape (T, act_dim + obs_dim): the planner's layout."""
+        return np.concatenate([self.actions, self.observations[: len(self)]], axis=1)
+
     def __repr__(self) -> str:
         return (
             f"Episode(T={len(self)}, observations={self.observations.shape}, actions={self.actions.shape}, "
@@ -312,7 +316,7 @@ class TrajectoryWindows(torch.utils.data.Dataset):
         rows, valid, values, starts, offset = [], [], [], [], 0
         for ep in episodes:
             T = len(ep)
-            x = np.concatenate([ep.actions, ep.observations[:T]], axis=1)
+            x = ep.transitions()
             rew = ep.rewards.astype(np.float64).copy()
             if ep.terminated:
                 rew[-1] += termination_penalty

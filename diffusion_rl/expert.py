@@ -13,7 +13,6 @@ a multi-hour run can be killed at any moment and resumed to the same weights.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
