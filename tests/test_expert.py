@@ -47,11 +47,11 @@ def cli(*args: str) -> list[str]:
 def test_sigkill_then_rerun_gives_the_uninterrupted_weights(reference_run, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(cli("train-expert", "--run-dir", str(run), *TINY_ARGS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # Kill it for real once at least one checkpoint exists and training has moved past it.
+    # Kill it for real once training is under way: curve.csv appears with the first checkpoint
+    # that follows an evaluation (step 500 of 1500), so the kill lands mid-run.
     deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoint.pt").exists():
-        time.sleep(0.05)
-    time.sleep(0.3)
+    while time.time() < deadline and not (run / "curve.csv").exists():
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -65,7 +65,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(reference_run, tmp_p
 def test_sigterm_checkpoints_the_current_step_and_resumes_exactly(reference_run, tmp_path):
     run = tmp_path / "termed"
     args = [a if a != "250" else "100000" for a in TINY_ARGS]  # no periodic checkpoints: only the signal's
-    proc = subprocess.Popen(cli("train-expert", "--run-dir", str(run), *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli("train-expert", "--run-dir", str(run), *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert '"env_step": 500' in proc.stdout.readline()  # the first evaluation: training is under way
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
