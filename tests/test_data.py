@@ -71,6 +71,13 @@ def test_no_padding_option_and_layout():
     np.testing.assert_allclose(first[0], [150, 150, 50, 50, 50], atol=1e-3)  # [action | observation]
 
 
+@pytest.mark.parametrize("horizon", [8, 32])
+def test_study_and_diffuser_horizons(horizon):
+    w = TrajectoryWindows([synthetic_episode(40, terminated=False), synthetic_episode(10, terminated=True)], horizon=horizon)
+    assert len(w) == (40 - horizon + 1) + 10
+    assert w.sample(4).trajectory.shape == (4, horizon, 5)
+
+
 def test_windows_never_cross_episodes():
     eps = [synthetic_episode(5, terminated=False, start=0), synthetic_episode(5, terminated=False, start=1000)]
     w = TrajectoryWindows(eps, horizon=3)
