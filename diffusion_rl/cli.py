@@ -50,10 +50,9 @@ def _command_line() -> str:
 
 
 def cmd_train_expert(args: argparse.Namespace) -> int:
-    from diffusion_rl.expert import SACConfig, config_from_args, train_sac
+    from diffusion_rl.expert import config_from_args, train_sac
 
-    cfg = config_from_args(args) if args else SACConfig()
-    path = train_sac(cfg, args.run_dir, progress=not args.no_progress)
+    path = train_sac(config_from_args(args), args.run_dir, progress=not args.no_progress)
     print(f"checkpoint: {path}")
     return 0
 

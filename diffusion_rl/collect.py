@@ -20,7 +20,14 @@ from typing import Callable
 
 import numpy as np
 
-from diffusion_rl.data import DEFAULT_DATASET_ID, DatasetError, datasets_root, local_dataset_path, validate_dataset_id
+from diffusion_rl.data import (
+    DEFAULT_DATASET_ID,
+    DatasetError,
+    datasets_root,
+    is_complete_dataset,
+    local_dataset_path,
+    validate_dataset_id,
+)
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.runtime import torch_threads
 
@@ -55,16 +62,10 @@ def collect_episodes(
     finished: dict[int, dict] = {}
     slots: list[dict | None] = [None] * n_envs
     next_episode = 0
+    prefix, prefix_steps = 0, 0  # episodes 0 .. prefix-1 are finished and hold prefix_steps steps
 
-    def enough() -> bool:
-        # The first k episodes are all finished and they reach the target.
-        k, steps = 0, 0
-        while k in finished:
-            steps += len(finished[k]["actions"])
-            k += 1
-            if (n_episodes is not None and k >= n_episodes) or (n_episodes is None and steps >= min_steps):
-                return True
-        return False
+    def reached(k: int, steps: int) -> bool:
+        return k >= n_episodes if n_episodes is not None else steps >= min_steps
 
     def start(slot: int) -> None:
         nonlocal next_episode
@@ -78,7 +79,7 @@ def collect_episodes(
     for s in range(n_envs):
         if n_episodes is None or next_episode < n_episodes:
             start(s)
-    while not enough():
+    while not reached(prefix, prefix_steps):
         active = [s for s in range(n_envs) if slots[s] is not None]
         obs = np.stack([slots[s]["observations"][-1] for s in active])
         noise = np.stack([slots[s]["rng"].standard_normal(act_dim) for s in active])
@@ -96,6 +97,10 @@ def collect_episodes(
             if term or trunc:
                 finished[ep["id"]] = ep
                 slots[s] = None
+                # Extend the finished prefix in seed order, stopping where the target is met.
+                while prefix in finished and not reached(prefix, prefix_steps):
+                    prefix_steps += len(finished[prefix]["actions"])
+                    prefix += 1
                 if n_episodes:
                     bar.update(1)
                 if n_episodes is None or next_episode < n_episodes:
@@ -104,12 +109,6 @@ def collect_episodes(
     for env in envs:
         env.close()
 
-    keep, steps = [], 0
-    for k in range(len(finished)):
-        keep.append(finished[k])
-        steps += len(finished[k]["actions"])
-        if (n_episodes is not None and len(keep) >= n_episodes) or (n_episodes is None and steps >= min_steps):
-            break
     return [
         EpisodeBuffer(
             id=ep["id"],
@@ -120,7 +119,7 @@ def collect_episodes(
             terminations=np.asarray(ep["terminations"]),
             truncations=np.asarray(ep["truncations"]),
         )
-        for ep in keep
+        for ep in (finished[k] for k in range(prefix))
     ]
 
 
@@ -170,7 +169,7 @@ def _clean_stale(root: Path, dataset_id: str) -> None:
         if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     final = local_dataset_path(dataset_id)
-    if final.exists() and not (final / "data" / "metadata.json").is_file():
+    if final.exists() and not is_complete_dataset(final):
         # A half-written folder (from an interrupted minari call, say) would shadow a rebuild.
         shutil.rmtree(final)
 

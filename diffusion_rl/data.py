@@ -37,6 +37,7 @@ __all__ = [
     "validate_dataset_id",
     "datasets_root",
     "local_dataset_path",
+    "is_complete_dataset",
     "load_dataset",
     "load_episodes",
     "check_dataset_shapes",
@@ -88,7 +89,8 @@ def local_dataset_path(dataset_id: str) -> Path:
     return path
 
 
-def _is_complete(path: Path) -> bool:
+def is_complete_dataset(path: Path) -> bool:
+    """Whether a local dataset folder was finished by Minari (its metadata is written last)."""
     return (path / "data" / "metadata.json").is_file()
 
 
@@ -113,7 +115,7 @@ def load_dataset(dataset_id: str = DEFAULT_DATASET_ID, download: bool = True):
 
     validate_dataset_id(dataset_id)
     path = local_dataset_path(dataset_id)
-    if _is_complete(path):
+    if is_complete_dataset(path):
         try:
             return minari.load_dataset(dataset_id)
         except Exception as exc:

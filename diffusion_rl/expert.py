@@ -404,47 +404,49 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
     t0 = time.perf_counter() - wall
     stop = _StopOnSignal()
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc="SAC", unit="step", smoothing=0.05, mininterval=1.0)
-    while step < cfg.total_steps:
-        if step < cfg.learning_starts:
-            action = rng.uniform(-1.0, 1.0, act_dim)
-        else:
-            action = agent.actor.act(obs)
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        buffer.add(obs, action, reward, next_obs, terminated)
-        obs, step, ep_return, ep_len = next_obs, step + 1, ep_return + reward, ep_len + 1
-        if step > cfg.learning_starts:
-            agent.update(buffer.sample(rng, cfg.batch_size))
-        bar.update(1)
+    try:
+        while step < cfg.total_steps:
+            if step < cfg.learning_starts:
+                action = rng.uniform(-1.0, 1.0, act_dim)
+            else:
+                action = agent.actor.act(obs)
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            buffer.add(obs, action, reward, next_obs, terminated)
+            obs, step, ep_return, ep_len = next_obs, step + 1, ep_return + reward, ep_len + 1
+            if step > cfg.learning_starts:
+                agent.update(buffer.sample(rng, cfg.batch_size))
+            bar.update(1)
 
-        if terminated or truncated:
-            episodes.append([step, round(ep_return, 2), ep_len])
-            episode += 1
-            bar.set_postfix(ep_return=f"{ep_return:.0f}", eval=history[-1]["eval_mean"] if history else None)
-            obs, _ = env.reset(seed=_reset_seed(cfg, episode))
-            ep_return, ep_len = 0.0, 0
-        if step % cfg.eval_every == 0 or step == cfg.total_steps:
-            wall = time.perf_counter() - t0
-            returns = evaluate_policy(agent.actor, seeds=EVAL_SEEDS[: cfg.eval_episodes], env_id=cfg.env_id)
-            history.append(
-                {
-                    "env_step": step,
-                    "wall_time_s": round(wall, 1),
-                    "eval_mean": round(float(returns.mean()), 2),
-                    "eval_std": round(float(returns.std()), 2),
-                    "train_return_last10": round(float(np.mean([e[1] for e in episodes[-10:]])), 2) if episodes else None,
-                    "alpha": round(float(agent.log_alpha.detach().exp()), 5),
-                }
-            )
-            bar.write(json.dumps(history[-1]))
-        if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop.requested:
-            wall = time.perf_counter() - t0
-            checkpoint(_capture_env(env, obs, ep_return, ep_len))
-            if stop.requested:
-                bar.write(f"stopped by signal at step {step}; checkpoint written, rerun to resume")
-                break
-    stop.restore()
-    bar.close()
-    env.close()
+            if terminated or truncated:
+                episodes.append([step, round(ep_return, 2), ep_len])
+                episode += 1
+                bar.set_postfix(ep_return=f"{ep_return:.0f}", eval=history[-1]["eval_mean"] if history else None)
+                obs, _ = env.reset(seed=_reset_seed(cfg, episode))
+                ep_return, ep_len = 0.0, 0
+            if step % cfg.eval_every == 0 or step == cfg.total_steps:
+                wall = time.perf_counter() - t0
+                returns = evaluate_policy(agent.actor, seeds=EVAL_SEEDS[: cfg.eval_episodes], env_id=cfg.env_id)
+                history.append(
+                    {
+                        "env_step": step,
+                        "wall_time_s": round(wall, 1),
+                        "eval_mean": round(float(returns.mean()), 2),
+                        "eval_std": round(float(returns.std()), 2),
+                        "train_return_last10": round(float(np.mean([e[1] for e in episodes[-10:]])), 2) if episodes else None,
+                        "alpha": round(float(agent.log_alpha.detach().exp()), 5),
+                    }
+                )
+                bar.write(json.dumps(history[-1]))
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stop.requested:
+                wall = time.perf_counter() - t0
+                checkpoint(_capture_env(env, obs, ep_return, ep_len))
+                if stop.requested:
+                    bar.write(f"stopped by signal at step {step}; checkpoint written, rerun to resume")
+                    break
+    finally:
+        stop.restore()
+        bar.close()
+        env.close()
     return ckpt_path
 
 
@@ -526,7 +528,6 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
     env.close()
     actor = Actor(obs_dim, act_dim, cfg.hidden)
     actor.load_state_dict(state["agent"]["actor"])
-    torch.set_num_threads(cfg.threads)
     det = evaluate_policy(actor, EVAL_SEEDS, deterministic=True, env_id=cfg.env_id)
     torch.manual_seed(0)
     sto = evaluate_policy(actor, EVAL_SEEDS, deterministic=False, env_id=cfg.env_id)
