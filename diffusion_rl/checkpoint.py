@@ -20,10 +20,10 @@ import torch
 __all__ = [
     "CheckpointError",
     "atomic_write_bytes",
-    "atomic_write_text",
     "atomic_write_json",
-    "save_checkpoint",
+    "atomic_write_text",
     "load_checkpoint",
+    "save_checkpoint",
     "sha256_file",
 ]
 

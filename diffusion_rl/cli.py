@@ -9,22 +9,33 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
-from typing import Callable
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     """Expose a config dataclass's fields as ``--field-name`` options, with their docstrings as help."""
-    docs = _field_docs(cls)
+    docs = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        docs.update(_field_docs(klass))
     for f in fields(cls):
         default = f.default if f.default is not MISSING else None
         kind = type(default) if default is not None else str
+        kind = _parse_bool if kind is bool else kind
         parser.add_argument(
             "--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
             help=f"{docs.get(f.name, '')} (default: {default})",
         )
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -33,7 +44,10 @@ def _field_docs(cls) -> dict[str, str]:
     import inspect
     import textwrap
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
@@ -81,6 +95,64 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffusion_rl.training import DiffuserConfig, ValueConfig, config_from_args, train
+
+    cls = DiffuserConfig if args.command == "train-diffuser" else ValueConfig
+    path = train(config_from_args(cls, args), args.run_dir, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _load_planner(args: argparse.Namespace):
+    from diffusion_rl import pretrained
+
+    if args.diffuser:
+        return pretrained.load_run(args.diffuser, args.value)
+    return pretrained.load(args.planner, device=args.device)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusion_rl.evaluation import evaluate
+
+    planner = _load_planner(args)
+    summary = evaluate(
+        planner, window=args.window, guidance_scale=args.guidance_scale, n_samples=args.samples,
+        seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=args.ddim_steps,
+        max_steps=args.max_steps, progress=not args.no_progress,
+    )
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("returns", "seeds")}, indent=2))
+    return 0
+
+
+def cmd_export_planner(args: argparse.Namespace) -> int:
+    from diffusion_rl.evaluation import export_planner
+
+    meta = export_planner(
+        args.diffuser, args.value, name=args.name, out_dir=args.out_dir, guidance_scale=args.guidance_scale,
+        episodes=args.episodes, command=_command_line(), progress=not args.no_progress,
+    )
+    for key, row in meta["score"].items():
+        print(f"{key}: {row['mean_return']:.1f} +- {row['std_return']:.1f}, {row['percent_of_data']:.1f}% of data, {row['falls']} falls")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from diffusion_rl.benchmark import run_benchmark
+
+    run_benchmark(quick=args.quick)
+    return 0
+
+
+def _add_planner_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--planner", default="walker2d-h8", help="shipped planner name (default: walker2d-h8)")
+    p.add_argument("--diffuser", default=None, help="use this train-diffuser run (folder or checkpoint.pt) instead")
+    p.add_argument("--value", default=None, help="with --diffuser: the train-value run for guidance")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     from diffusion_rl.expert import SACConfig
@@ -111,6 +183,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if a complete dataset exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_make_dataset)
+
+    from diffusion_rl.training import DiffuserConfig, ValueConfig
+
+    for name, cls, what in [("train-diffuser", DiffuserConfig, "the temporal U-Net denoiser"), ("train-value", ValueConfig, "the value network for guidance")]:
+        p = sub.add_parser(name, help=f"train (or resume) {what}")
+        p.add_argument("--run-dir", default=f"runs/{name[6:]}-h8", help="checkpoint and loss-log folder; rerun to resume")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_dataclass_args(p, cls)
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="closed-loop episodes of a planner: mean return, falls, percent of the data")
+    _add_planner_args(p)
+    p.add_argument("--window", type=int, default=1, help="executed window k: actions run per plan, 1..H (default: 1)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-guidance scale kappa (default: unguided)")
+    p.add_argument("--samples", type=int, default=1, help="plans per replanning; >1 keeps the best by value (default: 1)")
+    p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")
+    p.add_argument("--episodes", type=int, default=20, help="episodes (default: 20)")
+    p.add_argument("--first-seed", type=int, default=10_000, help="reset seed of the first episode (default: 10000)")
+    p.add_argument("--max-steps", type=int, default=1000, help="episode length limit (default: 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export-planner", help="export trained runs as the package's planner and score it in closed loop")
+    p.add_argument("--diffuser", required=True, help="train-diffuser run folder or checkpoint.pt")
+    p.add_argument("--value", required=True, help="train-value run folder or checkpoint.pt")
+    p.add_argument("--name", default="walker2d-h8", help="planner name (default: walker2d-h8)")
+    p.add_argument("--out-dir", default=None, help="output folder (default: the package's assets)")
+    p.add_argument("--guidance-scale", type=float, default=0.1, help="guidance scale for the guided score (default: 0.1)")
+    p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per setting (default: 20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export_planner)
+
+    p = sub.add_parser("benchmark", help="training and planning speed on this machine, as ratios to the reference figures")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 
@@ -124,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from diffusion_rl.checkpoint import CheckpointError
     from diffusion_rl.data import DatasetError
+    from diffusion_rl.training import TrainingError
 
     try:
         return func(args)
-    except (DatasetError, CheckpointError) as exc:
+    except (DatasetError, CheckpointError, TrainingError, ValueError) as exc:
         # A user mistake gets its message, not a traceback into torch or minari.
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from diffusion_rl.data import (
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.runtime import torch_threads
 
-__all__ = ["collect_episodes", "make_dataset", "random_policy_return", "dataset_summary"]
+__all__ = ["collect_episodes", "dataset_summary", "make_dataset", "random_policy_return"]
 
 FIRST_SEED = 123
 """Reset seed of the first episode, as in Minari's MuJoCo datasets."""

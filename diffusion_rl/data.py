@@ -23,9 +23,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -34,17 +35,17 @@ __all__ = [
     "DEFAULT_DATASET_ID",
     "DatasetError",
     "Episode",
-    "validate_dataset_id",
+    "Normalizer",
+    "TrajectoryWindows",
+    "Window",
+    "check_dataset_shapes",
     "datasets_root",
-    "local_dataset_path",
+    "discounted_returns",
     "is_complete_dataset",
     "load_dataset",
     "load_episodes",
-    "check_dataset_shapes",
-    "Normalizer",
-    "discounted_returns",
-    "Window",
-    "TrajectoryWindows",
+    "local_dataset_path",
+    "validate_dataset_id",
 ]
 
 DEFAULT_DATASET_ID = "walker2d/local-expert-v0"
@@ -216,7 +217,7 @@ class Normalizer:
         self.kind = kind
 
     @classmethod
-    def fit(cls, x: np.ndarray, kind: Literal["gaussian", "minmax"] = "gaussian", eps: float = 1e-6) -> "Normalizer":
+    def fit(cls, x: np.ndarray, kind: Literal["gaussian", "minmax"] = "gaussian", eps: float = 1e-6) -> Normalizer:
         """Fit the statistics of ``x`` of shape (N, dim)."""
         x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
         if kind == "gaussian":
@@ -248,7 +249,7 @@ class Normalizer:
         return {"shift": torch.from_numpy(self.shift.copy()), "scale": torch.from_numpy(self.scale.copy()), "kind": self.kind}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "Normalizer":
+    def from_state_dict(cls, state: dict) -> Normalizer:
         """Rebuild from :meth:`state_dict`."""
         return cls(np.asarray(state["shift"]), np.asarray(state["scale"]), str(state["kind"]))
 
@@ -358,7 +359,7 @@ class TrajectoryWindows(torch.utils.data.Dataset):
         w = self.batch(torch.as_tensor([i]))
         return Window(w.trajectory[0], w.value[0], w.mask[0])
 
-    def batch(self, idx: torch.Tensor) -> "Window":
+    def batch(self, idx: torch.Tensor) -> Window:
         """A batch of windows by index, gathered in one indexing op. Shapes: (B, H, D), (B,), (B, H)."""
         rows = self.starts[idx][:, None] + self._steps
         return Window(self.data[rows], self.values[idx], self.valid[rows])

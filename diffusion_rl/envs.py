@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import diffusion_rl  # noqa: F401  (sets MUJOCO_GL before mujoco is imported)
-
 import gymnasium as gym
+
+import diffusion_rl  # noqa: F401  (sets MUJOCO_GL before mujoco is imported)
 
 __all__ = ["ENV_ID", "make_env"]
 

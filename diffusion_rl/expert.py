@@ -37,17 +37,17 @@ from diffusion_rl.checkpoint import (
     sha256_file,
 )
 from diffusion_rl.envs import ENV_ID, make_env
-from diffusion_rl.runtime import torch_threads
+from diffusion_rl.runtime import StopOnSignal, torch_threads
 
 __all__ = [
-    "SACConfig",
+    "EVAL_SEEDS",
     "Actor",
-    "train_sac",
+    "SACConfig",
     "evaluate_policy",
     "export_policy",
     "load_policy",
     "shipped_policy_path",
-    "EVAL_SEEDS",
+    "train_sac",
 ]
 
 EVAL_SEEDS = tuple(range(10_000, 10_020))
@@ -402,7 +402,7 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
     if resume_env is not None:
         obs, ep_return, ep_len = _restore_env(env, resume_env)
     t0 = time.perf_counter() - wall
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc="SAC", unit="step", smoothing=0.05, mininterval=1.0)
     try:
         while step < cfg.total_steps:
@@ -448,29 +448,6 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
         bar.close()
         env.close()
     return ckpt_path
-
-
-class _StopOnSignal:
-    """Turn SIGTERM/SIGINT into a request to checkpoint and stop at the end of the current step."""
-
-    def __init__(self):
-        import signal
-
-        self.requested, self._old = False, {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: keep the default behaviour
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def _capture_env(env, obs: np.ndarray, ep_return: float, ep_len: int) -> dict:

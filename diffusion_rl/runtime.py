@@ -8,12 +8,12 @@ therefore run their policy inside ``torch_threads(1)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
-__all__ = ["torch_threads"]
+__all__ = ["StopOnSignal", "pick_device", "torch_threads"]
 
 
 @contextmanager
@@ -25,3 +25,39 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class StopOnSignal:
+    """Turn SIGTERM/SIGINT into a request to checkpoint and stop at the end of the current step."""
+
+    def __init__(self):
+        import signal
+
+        self.requested, self._old = False, {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: keep the default behaviour
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: a CUDA device when one is present (a Colab GPU runtime), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"Unknown device {device!r}: use 'auto', 'cpu' or 'cuda'.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device here; use 'auto' or 'cpu'.")
+    return dev

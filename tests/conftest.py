@@ -19,7 +19,7 @@ def minari_root(tmp_path, monkeypatch):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_policy():
     """A small untrained actor as a noisy policy: fast, and it falls quickly (short episodes)."""
     from diffusion_rl.expert import Actor

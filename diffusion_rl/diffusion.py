@@ -1,0 +1,303 @@
+"""Gaussian diffusion over trajectories: forward noising, the training loss, and the conditioned samplers.
+
+Vocabulary follows Ho et al. (2020) and the study:
+
+* forward noising ``q(tau^t | tau^0) = N(sqrt(abar_t) tau^0, (1 - abar_t) I)`` (:class:`NoiseSchedule`);
+* the loss of the study's Algorithm 1.1: noise a data window to a random level ``t``, hold its first
+  state noiseless (the condition), and regress the network onto ``tau^0`` (or onto the noise);
+* the sampler of Algorithm 1.2: start from Gaussian noise and run the reverse chain, writing the
+  current state ``s_0`` back into the first row after every step; optionally nudge each step
+  along the gradient of a value network (classifier guidance) or take fewer, deterministic steps (DDIM).
+
+Time indices run ``t = 0 .. T-1``; ``t = T-1`` is (almost) pure noise and one step below ``t = 0``
+is the clean trajectory. Every stage is returned on request (``return_chain``) so the book can plot it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from diffusion_rl.models import TemporalUnet, ValueNet
+
+__all__ = [
+    "GaussianDiffusion",
+    "Guide",
+    "NoiseSchedule",
+    "Sample",
+    "condition",
+    "make_betas",
+]
+
+ScheduleKind = Literal["cosine", "linear"]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def make_betas(kind: ScheduleKind, n_timesteps: int) -> np.ndarray:
+    """Noise added at each of ``n_timesteps`` forward steps, float64.
+
+    ``cosine``: Nichol & Dhariwal (2021), abar_t = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008.
+    ``linear``: Ho et al. (2020), 1e-4 .. 0.02 at T = 1000, rescaled by 1000/T so that a short chain
+    still ends in (nearly) pure noise.
+    """
+    if not isinstance(n_timesteps, int) or n_timesteps < 1:
+        raise ValueError(f"n_timesteps must be a positive integer, got {n_timesteps!r}.")
+    if kind == "cosine":
+        s = 0.008
+        steps = np.linspace(0, n_timesteps, n_timesteps + 1, dtype=np.float64)
+        abar = np.cos((steps / n_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = 1 - abar[1:] / abar[:-1]
+    elif kind == "linear":
+        scale = 1000 / n_timesteps
+        betas = np.linspace(scale * 1e-4, scale * 0.02, n_timesteps, dtype=np.float64)
+    else:
+        raise ValueError(f"Unknown beta schedule {kind!r}: use 'cosine' or 'linear'.")
+    return np.clip(betas, 0.0, 0.999)
+
+
+def _extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """a[t] per sample, shaped to broadcast over a (B, ...) tensor of ``ndim`` dims."""
+    return a[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+class NoiseSchedule(nn.Module):
+    """The forward process q and the posterior q(tau^{t-1} | tau^t, tau^0) of one beta schedule.
+
+    Derived quantities are computed in float64 and stored as float32 buffers, so ``.to(device)``
+    moves them with the model that owns the schedule.
+    """
+
+    def __init__(self, n_timesteps: int = 20, kind: ScheduleKind = "cosine"):
+        super().__init__()
+        self.n_timesteps, self.kind = n_timesteps, kind
+        betas = make_betas(kind, n_timesteps)
+        alphas = 1 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.r_[1.0, abar[:-1]]
+        post_var = betas * (1 - abar_prev) / (1 - abar)
+        buffers = {
+            "betas": betas,
+            "alpha_bar": abar,
+            "alpha_bar_prev": abar_prev,
+            "sqrt_alpha_bar": np.sqrt(abar),
+            "sqrt_one_minus_alpha_bar": np.sqrt(1 - abar),
+            # q(tau^{t-1} | tau^t, tau^0) = N(coef1 tau^0 + coef2 tau^t, post_var)
+            "posterior_variance": post_var,
+            "posterior_log_variance": np.log(np.maximum(post_var, 1e-20)),
+            "posterior_coef1": betas * np.sqrt(abar_prev) / (1 - abar),
+            "posterior_coef2": (1 - abar_prev) * np.sqrt(alphas) / (1 - abar),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32), persistent=False)
+
+    def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) at every t, shape (T,)."""
+        return self.alpha_bar / (1 - self.alpha_bar)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Draw tau^t ~ q(tau^t | tau^0) = sqrt(abar_t) tau^0 + sqrt(1 - abar_t) noise. t: (B,) ints."""
+        return _extract(self.sqrt_alpha_bar, t, x0.ndim) * x0 + _extract(self.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise
+
+    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert q_sample for tau^0 given the noise."""
+        return (x_t - _extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim) * eps) / _extract(self.sqrt_alpha_bar, t, x_t.ndim)
+
+    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Invert q_sample for the noise given tau^0."""
+        return (x_t - _extract(self.sqrt_alpha_bar, t, x_t.ndim) * x0) / _extract(self.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of q(tau^{t-1} | tau^t, tau^0)."""
+        mean = _extract(self.posterior_coef1, t, x_t.ndim) * x0 + _extract(self.posterior_coef2, t, x_t.ndim) * x_t
+        return mean, _extract(self.posterior_log_variance, t, x_t.ndim)
+
+
+# ----------------------------------------------------------------------------- conditioning and guidance
+
+
+def condition(x: torch.Tensor, state: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """Inpaint the current state: ``x[:, 0, action_dim:] = state`` (in place; returns ``x``)."""
+    x[:, 0, action_dim:] = state
+    return x
+
+
+@dataclass
+class Guide:
+    """Classifier guidance: after each reverse step, ``tau <- tau + scale * grad_tau V(tau, t)``.
+
+    ``scale`` is the guidance scale kappa; ``n_steps`` gradient steps are taken per reverse step;
+    no guidance in the last ``t_stopgrad`` steps (t < t_stopgrad); ``scale_by_variance`` multiplies
+    the gradient by the posterior variance of that step (Diffuser's code; the study does not).
+    """
+
+    value: ValueNet
+    scale: float = 0.1
+    n_steps: int = 1
+    t_stopgrad: int = 0
+    scale_by_variance: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"The guidance scale must be a finite number >= 0, got {self.scale!r}.")
+        if not isinstance(self.n_steps, int) or self.n_steps < 1:
+            raise ValueError(f"n_steps must be a positive integer, got {self.n_steps!r}.")
+
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dV/dx, V) at x; the value network's parameters get no gradient."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            v = self.value(x, t)
+            (grad,) = torch.autograd.grad(v.sum(), x)
+        return grad, v.detach()
+
+
+class Sample(NamedTuple):
+    """A batch of sampled trajectories (normalized), shape (B, H, D).
+
+    ``chain``: every intermediate tau^t, shape (steps + 1, B, H, D), first the initial noise, last
+    the sample (None unless asked for). ``values``: V(tau^0) per sample when a value net was given.
+    """
+
+    trajectories: torch.Tensor
+    chain: torch.Tensor | None
+    values: torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------- diffusion model
+
+
+class GaussianDiffusion(nn.Module):
+    """A denoiser with its noise schedule: the training loss and the conditioned samplers."""
+
+    def __init__(
+        self,
+        model: TemporalUnet,
+        action_dim: int,
+        n_timesteps: int = 20,
+        schedule: ScheduleKind = "cosine",
+        predict_epsilon: bool = False,
+        action_weight: float = 10.0,
+        clip_denoised: float | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.horizon, self.transition_dim = model.cfg.horizon, model.cfg.transition_dim
+        self.action_dim = action_dim
+        self.n_timesteps = n_timesteps
+        self.predict_epsilon = predict_epsilon
+        self.clip_denoised = clip_denoised
+        self.schedule = NoiseSchedule(n_timesteps, schedule)
+        # Per-entry loss weights: the first action counts `action_weight` times (Diffuser), and the
+        # conditioned first state is not learned at all: it is given to the model, never predicted.
+        weights = torch.ones(self.horizon, self.transition_dim)
+        weights[0, :action_dim] = action_weight
+        weights[0, action_dim:] = 0.0
+        self.register_buffer("loss_weights", weights / weights.mean(), persistent=False)
+
+    # -- training (Algorithm 1.1)
+
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Weighted MSE of the denoiser on windows x0 (B, H, D) noised to levels t (B,) with ``noise``."""
+        state = x0[:, 0, self.action_dim:]
+        x_t = condition(self.schedule.q_sample(x0, t, noise), state, self.action_dim)
+        pred = self.model(x_t, t)
+        target = noise if self.predict_epsilon else x0
+        return (F.mse_loss(pred, target, reduction="none") * self.loss_weights).mean()
+
+    # -- the reverse step
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's estimate of tau^0 from tau^t (clipped if ``clip_denoised``)."""
+        out = self.model(x_t, t)
+        x0 = self.schedule.x0_from_eps(x_t, t, out) if self.predict_epsilon else out
+        return x0.clamp(-self.clip_denoised, self.clip_denoised) if self.clip_denoised else x0
+
+    def p_mean_log_variance(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of p(tau^{t-1} | tau^t): the posterior q around the predicted tau^0."""
+        return self.schedule.q_posterior(self.predict_x0(x_t, t), x_t, t)
+
+    # -- sampling (Algorithm 1.2)
+
+    def sample_noise(self, batch_size: int, n_steps: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """All the Gaussian noise one sampling run consumes, shape (n_steps + 1, B, H, D), drawn on the CPU."""
+        n_steps = self.n_timesteps if n_steps is None else n_steps
+        return torch.randn(n_steps + 1, batch_size, self.horizon, self.transition_dim, generator=generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        state: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        guide: Guide | None = None,
+        ddim_steps: int | None = None,
+        return_chain: bool = False,
+    ) -> Sample:
+        """Sample plans that start at ``state`` (B, obs_dim), normalized.
+
+        Randomness comes from ``noise`` (see :meth:`sample_noise`) or else from ``generator``, so a
+        seed gives the same plans, with or without guidance. ``ddim_steps`` switches to the
+        deterministic DDIM sampler (Song et al. 2021) on that many evenly spaced levels.
+        """
+        B = state.shape[0]
+        n_steps = self.n_timesteps if ddim_steps is None else ddim_steps
+        if ddim_steps is not None and not (isinstance(ddim_steps, int) and 1 <= ddim_steps <= self.n_timesteps):
+            raise ValueError(f"ddim_steps must be an integer in 1..{self.n_timesteps}, got {ddim_steps!r}.")
+        if noise is None:
+            noise = self.sample_noise(B, n_steps, generator)
+        if noise.shape != (n_steps + 1, B, self.horizon, self.transition_dim):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(n_steps + 1, B, self.horizon, self.transition_dim)}.")
+        noise = noise.to(state.device, state.dtype)
+
+        x = condition(noise[0].clone(), state, self.action_dim)
+        chain = [x.clone()] if return_chain else None
+        levels = self._levels(ddim_steps)
+        for i, t_int in enumerate(levels):
+            t = torch.full((B,), t_int, device=state.device, dtype=torch.long)
+            if ddim_steps is None:
+                mean, log_var = self.p_mean_log_variance(x, t)
+                x = mean + (t_int > 0) * torch.exp(0.5 * log_var) * noise[i + 1]
+            else:
+                x = self._ddim_step(x, t, levels[i + 1] if i + 1 < len(levels) else -1)
+            condition(x, state, self.action_dim)
+            if guide is not None:
+                x = self._guide(x, t_int, guide, state)
+            if return_chain:
+                chain.append(x.clone())
+
+        values = None
+        if guide is not None:
+            values = guide.value(x, torch.zeros(B, device=x.device, dtype=torch.long))
+        return Sample(x, torch.stack(chain) if return_chain else None, values)
+
+    def _levels(self, ddim_steps: int | None) -> list[int]:
+        if ddim_steps is None:
+            return list(range(self.n_timesteps - 1, -1, -1))
+        return sorted({int(round(v)) for v in np.linspace(0, self.n_timesteps - 1, ddim_steps)}, reverse=True)
+
+    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: int) -> torch.Tensor:
+        """Deterministic DDIM update (eta = 0) from level t to level t_next (-1: the clean sample)."""
+        x0 = self.predict_x0(x, t)
+        eps = self.schedule.eps_from_x0(x, t, x0)
+        abar_next = self.schedule.alpha_bar[t_next] if t_next >= 0 else torch.ones((), device=x.device)
+        return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
+
+    def _guide(self, x: torch.Tensor, t_int: int, guide: Guide, state: torch.Tensor) -> torch.Tensor:
+        """Apply guidance after the reverse step from level t_int, so x is now at level t_int - 1."""
+        if t_int < guide.t_stopgrad:
+            return x
+        level = torch.full((x.shape[0],), max(t_int - 1, 0), device=x.device, dtype=torch.long)
+        for _ in range(guide.n_steps):
+            grad, _ = guide.gradient(x, level)
+            if guide.scale_by_variance:
+                grad = grad * self.schedule.posterior_variance[t_int]
+            x = condition(x + guide.scale * grad, state, self.action_dim)
+        return x

@@ -1,0 +1,103 @@
+"""Scoring planners in closed loop, and exporting trained runs together with their scores.
+
+The score of a planner is the mean return of closed-loop episodes on fixed reset seeds, also given
+as a percentage of the training data's mean episode return (the study's normalization).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_rl.checkpoint import atomic_write_json
+from diffusion_rl.planner import Planner, rollout, summarize
+
+__all__ = ["EVAL_SEEDS", "dataset_reference", "evaluate", "export_planner"]
+
+EVAL_SEEDS = tuple(range(10_000, 10_020))
+"""Reset seeds of the 20 evaluation episodes (the same ones the expert was scored on)."""
+
+
+def dataset_reference(dataset_id: str) -> dict:
+    """The numbers scores are normalized by: the data's mean return and reward per step, and its reference scores."""
+    from diffusion_rl.collect import dataset_summary
+    from diffusion_rl.data import load_dataset
+
+    ds = load_dataset(dataset_id)
+    summary = dataset_summary(ds)
+    summary["reward_per_step"] = float(sum(float(np.sum(ep.rewards)) for ep in ds.iterate_episodes()) / summary["steps"])
+    summary.pop("path", None)
+    return summary
+
+
+def evaluate(
+    planner: Planner,
+    window: int = 1,
+    guidance_scale: float | None = None,
+    seeds: Iterable[int] = EVAL_SEEDS,
+    n_samples: int = 1,
+    ddim_steps: int | None = None,
+    max_steps: int = 1000,
+    progress: bool = False,
+) -> dict:
+    """Closed-loop episodes on ``seeds``: mean/std return, falls, percent of the data's mean return, wall time."""
+    t0 = time.perf_counter()
+    results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress)
+    if "dataset" not in planner.meta and "config" in planner.meta:
+        planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
+    reference = planner.meta.get("dataset", {}).get("mean_return")
+    out = summarize(results, reference)
+    out["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    out["env_steps"] = int(sum(r.length for r in results))
+    return out
+
+
+def export_planner(
+    diffuser_run: str | os.PathLike,
+    value_run: str | os.PathLike,
+    name: str = "walker2d-h8",
+    out_dir: str | os.PathLike | None = None,
+    guidance_scale: float = 0.1,
+    episodes: int = 20,
+    command: str = "",
+    progress: bool = True,
+) -> dict:
+    """Export a denoiser and a value run as ``<name>-diffuser/-value.safetensors`` and score them.
+
+    The score (unguided k = 1 and k = H, guided k = H, on ``episodes`` fixed seeds) is written into
+    both sidecars. Returns the denoiser's sidecar.
+    """
+    from diffusion_rl import pretrained
+
+    out_dir = Path(out_dir) if out_dir is not None else pretrained.ASSETS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dpath, vpath = out_dir / f"{name}-diffuser.safetensors", out_dir / f"{name}-value.safetensors"
+    dmeta = pretrained.export_network(diffuser_run, dpath, {"export_command": command})
+    dmeta["dataset"] = dataset_reference(dmeta["dataset_id"])
+    vmeta = pretrained.export_network(value_run, vpath, {"export_command": command})
+    diffusion, normalizer, _ = pretrained.load_network(dpath)
+    value, vnorm, _ = pretrained.load_network(vpath)
+    if not (np.allclose(normalizer.shift, vnorm.shift) and np.allclose(normalizer.scale, vnorm.scale)):
+        raise ValueError("The denoiser and the value network were trained with different normalizers (different data?).")
+    planner = Planner(diffusion, normalizer, value, dmeta)
+
+    seeds = EVAL_SEEDS[:episodes] if episodes <= len(EVAL_SEEDS) else range(EVAL_SEEDS[0], EVAL_SEEDS[0] + episodes)
+    H = planner.horizon
+    settings = {"unguided_k1": (1, None), f"unguided_k{H}": (H, None), f"guided_k{H}": (H, guidance_scale)}
+    score = {}
+    for key, (window, scale) in settings.items():
+        score[key] = evaluate(planner, window, scale, seeds, progress=progress)
+        row = score[key]
+        print(f"{key}: {row['mean_return']:.1f} +- {row['std_return']:.1f} ({row.get('percent_of_data', float('nan')):.1f}% of data), {row['falls']} falls, {row['wall_time_s']:.0f} s")
+    for meta, path in ((dmeta, dpath), (vmeta, vpath)):
+        meta["score"] = score
+        meta["score_protocol"] = (
+            f"closed loop, {len(seeds)} episodes on reset seeds {seeds[0]}..{seeds[-1]}, up to 1000 steps, "
+            "a fresh plan every k steps conditioned on the real state; percent_of_data = mean return / data mean return x 100"
+        )
+        atomic_write_json(path.with_suffix(".json"), meta)
+    return dmeta

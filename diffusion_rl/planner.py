@@ -1,0 +1,299 @@
+"""The planner: sample a plan from the current state, act on it, replan; and the closed loop that runs it.
+
+``Planner.plan`` turns real observations into plans (Algorithm 1.2 with optional value guidance and
+best-of-N selection) in the environment's units. ``rollout`` runs many episodes at once: at each
+replanning point every live episode gets a plan conditioned on its real state, executes the first
+``window`` actions of it (the executed window k, 1..H), and replans, until it falls or reaches 1000 steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from diffusion_rl.data import Normalizer
+from diffusion_rl.diffusion import GaussianDiffusion, Guide
+from diffusion_rl.envs import ENV_ID, make_env
+from diffusion_rl.models import ValueNet
+from diffusion_rl.runtime import torch_threads
+
+__all__ = ["Planner", "Plan", "EpisodeResult", "rollout", "summarize", "check_window", "check_guidance_scale", "episode_generator"]
+
+
+class Plan(NamedTuple):
+    """Plans for a batch of states, in environment units.
+
+    actions (B, H, act_dim), observations (B, H, obs_dim); ``values``: V(tau) per plan (None without
+    a value net); ``trajectories``: the normalized samples (B, H, D); ``chain``: every denoising
+    stage, normalized, (steps + 1, B, H, D) when asked for.
+    """
+
+    actions: np.ndarray
+    observations: np.ndarray
+    values: np.ndarray | None
+    trajectories: torch.Tensor
+    chain: torch.Tensor | None
+
+
+def check_window(window: int, horizon: int) -> int:
+    """Refuse an executed window outside 1..H."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or not 1 <= window <= horizon:
+        raise ValueError(f"The executed window must be an integer in 1..{horizon} (the plan's horizon), got {window!r}.")
+    return int(window)
+
+
+def check_guidance_scale(scale: float | None) -> float | None:
+    """Refuse a negative, NaN or infinite guidance scale (None means no guidance)."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"The guidance scale must be a finite number >= 0 (or None for no guidance), got {scale!r}.")
+    return float(scale)
+
+
+def episode_generator(seed: int) -> torch.Generator:
+    """The sampler's noise source for the episode with reset seed ``seed`` (independent of batch-mates)."""
+    return torch.Generator().manual_seed(int(seed) + 1_000_003)
+
+
+class Planner:
+    """A trained denoiser, its normalizer and (optionally) a value network, ready to plan."""
+
+    def __init__(
+        self,
+        diffusion: GaussianDiffusion,
+        normalizer: Normalizer,
+        value: ValueNet | None = None,
+        meta: dict | None = None,
+        n_guide_steps: int = 1,
+        t_stopgrad: int = 0,
+        scale_by_variance: bool = False,
+    ):
+        self.diffusion = diffusion.eval().requires_grad_(False)
+        self.value = value.eval().requires_grad_(False) if value is not None else None
+        self.normalizer = normalizer
+        # The condition is a bare observation: normalize it with the observation columns' statistics.
+        self.obs_normalizer = Normalizer(normalizer.shift[diffusion.action_dim:], normalizer.scale[diffusion.action_dim:], normalizer.kind)
+        self.meta = meta or {}
+        self.action_dim = diffusion.action_dim
+        self.horizon = diffusion.horizon
+        self.obs_dim = diffusion.transition_dim - diffusion.action_dim
+        self.n_guide_steps, self.t_stopgrad, self.scale_by_variance = n_guide_steps, t_stopgrad, scale_by_variance
+        if value is not None and (value.cfg.horizon, value.cfg.transition_dim) != (self.horizon, diffusion.transition_dim):
+            raise ValueError(
+                f"The value network was built for horizon {value.cfg.horizon} and {value.cfg.transition_dim} dims, "
+                f"the denoiser for horizon {self.horizon} and {diffusion.transition_dim}: they do not belong together."
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.diffusion.parameters()).device
+
+    def to(self, device: str | torch.device) -> Planner:
+        """Move the networks to ``device``."""
+        self.diffusion.to(device)
+        if self.value is not None:
+            self.value.to(device)
+        return self
+
+    def guide(self, scale: float | None) -> Guide | None:
+        """The guidance object for scale kappa (None: unguided)."""
+        scale = check_guidance_scale(scale)
+        if scale is None:
+            return None
+        if self.value is None:
+            raise ValueError("Guidance needs a value network; this planner was loaded without one.")
+        return Guide(self.value, scale, self.n_guide_steps, self.t_stopgrad, self.scale_by_variance)
+
+    @torch.no_grad()
+    def plan(
+        self,
+        observations: np.ndarray,
+        guidance_scale: float | None = None,
+        n_samples: int = 1,
+        generators: Sequence[torch.Generator] | torch.Generator | None = None,
+        seed: int | None = None,
+        ddim_steps: int | None = None,
+        return_chain: bool = False,
+    ) -> Plan:
+        """Plans from observations (B, obs_dim) or (obs_dim,).
+
+        ``n_samples`` > 1 draws that many plans per state and keeps the one the value network rates
+        highest (best-of-N). Noise comes from one generator per row (``generators``), or from ``seed``.
+        """
+        obs = np.asarray(observations, np.float32)
+        single = obs.ndim == 1
+        obs = obs[None] if single else obs
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(f"observations must have shape (B, {self.obs_dim}) or ({self.obs_dim},), got {np.shape(observations)}.")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+        if n_samples > 1 and self.value is None:
+            raise ValueError("Best-of-N selection (n_samples > 1) needs a value network.")
+        guide = self.guide(guidance_scale)
+        B = len(obs)
+        if generators is None:
+            generators = [torch.Generator().manual_seed(seed)] if seed is not None else [torch.default_generator]
+            generators = generators * B if len(generators) == 1 else generators
+        elif isinstance(generators, torch.Generator):
+            generators = [generators] * B
+        if len(generators) != B:
+            raise ValueError(f"Got {len(generators)} generators for {B} observations.")
+
+        n_steps = self.diffusion.n_timesteps if ddim_steps is None else ddim_steps
+        shape = (n_samples, n_steps + 1, self.horizon, self.diffusion.transition_dim)
+        # Row-major (state, sample) order: each row's noise depends only on its own generator.
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, N, steps+1, H, D)
+        noise = noise.flatten(0, 1).transpose(0, 1)  # (steps+1, B*N, H, D)
+
+        cond = self.obs_normalizer.normalize(torch.from_numpy(obs).to(self.device)).repeat_interleave(n_samples, 0)
+        out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain)
+        x, values, chain = out.trajectories, out.values, out.chain
+        if n_samples > 1:
+            if values is None:
+                values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+            best = values.view(B, n_samples).argmax(1) + torch.arange(B, device=x.device) * n_samples
+            x, values = x[best], values[best]
+            chain = chain[:, best] if chain is not None else None
+        elif values is None and self.value is not None:
+            values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+        raw = self.normalizer.unnormalize(x.double()).float().cpu().numpy()
+        actions, observations_ = raw[..., : self.action_dim], raw[..., self.action_dim:]
+        vals = values.cpu().numpy() if values is not None else None
+        if single:
+            actions, observations_, vals = actions[0], observations_[0], (vals[0] if vals is not None else None)
+        return Plan(actions, observations_, vals, x, chain)
+
+
+# ----------------------------------------------------------------------------- the closed loop
+
+
+@dataclass
+class EpisodeResult:
+    """One closed-loop episode. With ``record``: states (T+1, obs), actions (T, act), rewards (T,),
+    and the plans in force: ``plan_steps[j]`` is the step at which ``plans[j]`` (H, act+obs, env units) began."""
+
+    seed: int
+    window: int
+    guidance_scale: float | None
+    total_return: float = 0.0
+    length: int = 0
+    fell: bool = False
+    diverged: bool = False
+    states: np.ndarray | None = None
+    actions: np.ndarray | None = None
+    rewards: np.ndarray | None = None
+    plans: np.ndarray | None = None
+    plan_steps: np.ndarray | None = None
+    _buf: dict = field(default_factory=dict, repr=False)
+
+
+def rollout(
+    planner: Planner,
+    seeds: Sequence[int],
+    window: int = 1,
+    guidance_scale: float | None = None,
+    n_samples: int = 1,
+    ddim_steps: int | None = None,
+    max_steps: int = 1000,
+    record: bool = False,
+    threads: int = 1,
+    env_id: str = ENV_ID,
+    progress: bool = False,
+) -> list[EpisodeResult]:
+    """Run one closed-loop episode per reset seed, all at once; returns their results in seed order.
+
+    At each replanning point every live episode samples a plan from its real state and executes its
+    first ``window`` actions. Episodes end on a fall (termination), at ``max_steps``, or if the
+    simulation produces a non-finite state (flagged ``diverged``).
+    """
+    window = check_window(window, planner.horizon)
+    check_guidance_scale(guidance_scale)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("rollout needs at least one seed.")
+    envs = [make_env(env_id, max_episode_steps=max_steps) for _ in seeds]
+    results = [EpisodeResult(seed=s, window=window, guidance_scale=guidance_scale) for s in seeds]
+    gens = [episode_generator(s) for s in seeds]
+    obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
+    if record:
+        for r, o in zip(results, obs):
+            r._buf = {"states": [o.copy()], "actions": [], "rewards": [], "plans": [], "plan_steps": []}
+    live = list(range(len(seeds)))
+    current = np.zeros((len(seeds), planner.horizon, planner.action_dim), np.float32)
+    bar = _bar(progress, max_steps)
+    try:
+        with torch_threads(threads):
+            for step in range(max_steps):
+                if not live:
+                    break
+                if step % window == 0:
+                    plan = planner.plan(obs[live], guidance_scale, n_samples, [gens[i] for i in live], ddim_steps=ddim_steps)
+                    current[live] = plan.actions
+                    if record:
+                        for j, i in enumerate(live):
+                            results[i]._buf["plans"].append(np.concatenate([plan.actions[j], plan.observations[j]], 1))
+                            results[i]._buf["plan_steps"].append(step)
+                still = []
+                for i in live:
+                    action = np.clip(current[i, step % window], -1.0, 1.0)
+                    o, reward, terminated, truncated, _ = envs[i].step(action)
+                    r = results[i]
+                    r.total_return += float(reward)
+                    r.length += 1
+                    if record:
+                        r._buf["states"].append(o)
+                        r._buf["actions"].append(action)
+                        r._buf["rewards"].append(reward)
+                    if not np.all(np.isfinite(o)):
+                        r.diverged = True
+                    elif terminated:
+                        r.fell = True
+                    elif not truncated:
+                        obs[i] = o
+                        still.append(i)
+                live = still
+                bar.update(1)
+    finally:
+        bar.close()
+        for env in envs:
+            env.close()
+    if record:
+        for r in results:
+            b = r._buf
+            r.states, r.actions = np.asarray(b["states"], np.float32), np.asarray(b["actions"], np.float32)
+            r.rewards = np.asarray(b["rewards"], np.float32)
+            r.plans, r.plan_steps = np.asarray(b["plans"], np.float32), np.asarray(b["plan_steps"])
+            r._buf = {}
+    return results
+
+
+def _bar(progress: bool, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not progress, desc="rollout", unit="step", mininterval=1.0)
+
+
+def summarize(results: Sequence[EpisodeResult], reference_return: float | None = None) -> dict:
+    """Mean, std and falls of closed-loop episodes; ``percent`` of ``reference_return`` (the data's mean) if given."""
+    returns = np.array([r.total_return for r in results])
+    out = {
+        "episodes": len(results),
+        "seeds": [r.seed for r in results],
+        "window": results[0].window if results else None,
+        "guidance_scale": results[0].guidance_scale if results else None,
+        "mean_return": float(returns.mean()),
+        "std_return": float(returns.std()),
+        "falls": int(sum(r.fell for r in results)),
+        "diverged": int(sum(r.diverged for r in results)),
+        "mean_length": float(np.mean([r.length for r in results])),
+        "returns": [round(float(x), 2) for x in returns],
+    }
+    if reference_return:
+        out["percent_of_data"] = float(100 * returns.mean() / reference_return)
+    return out

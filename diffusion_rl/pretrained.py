@@ -1,0 +1,159 @@
+"""Trained planners: export EMA weights as safetensors with JSON sidecars, and load them back safely.
+
+``load("walker2d-h8")`` returns a ready :class:`~diffusion_rl.planner.Planner` from the weights the
+package ships. Each weight file has a sidecar (``.json``) with its configuration, the dataset it was
+trained on, the training command, steps, wall time, final loss, the closed-loop score, and its
+SHA-256, which is checked before the file is read. No pickle is ever loaded from these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from diffusion_rl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+from diffusion_rl.data import Normalizer
+from diffusion_rl.diffusion import GaussianDiffusion
+from diffusion_rl.models import ValueNet
+from diffusion_rl.planner import Planner
+from diffusion_rl.training import DiffuserConfig, ValueConfig, build_diffusion, build_value
+
+__all__ = ["PRETRAINED", "load", "load_run", "export_network", "load_network", "asset_path"]
+
+ASSETS = Path(__file__).parent / "assets"
+
+PRETRAINED = {
+    "walker2d-h8": {"diffuser": "walker2d-h8-diffuser.safetensors", "value": "walker2d-h8-value.safetensors"},
+}
+"""Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``."""
+
+
+def asset_path(name: str, part: str = "diffuser") -> Path:
+    """Path of a shipped weight file, with a clear error for an unknown name."""
+    if name not in PRETRAINED:
+        raise CheckpointError(f"No pretrained planner named {name!r}; available: {', '.join(sorted(PRETRAINED))}.")
+    return ASSETS / PRETRAINED[name][part]
+
+
+def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = True, **planner_options) -> Planner:
+    """The shipped planner ``name``, SHA-256 verified, on ``device`` (auto: CUDA if present)."""
+    from diffusion_rl.runtime import pick_device
+
+    diffusion, normalizer, meta = load_network(asset_path(name, "diffuser"))
+    value = load_network(asset_path(name, "value"))[0] if with_value else None
+    planner = Planner(diffusion, normalizer, value, meta, **planner_options)
+    return planner.to(pick_device(device))
+
+
+def load_run(diffuser_run: str | os.PathLike, value_run: str | os.PathLike | None = None, **planner_options) -> Planner:
+    """A planner from training runs' checkpoints (their EMA weights), for example mid-training."""
+    diffusion, normalizer, cfg = _from_checkpoint(diffuser_run, "diffuser")
+    value = _from_checkpoint(value_run, "value")[0] if value_run is not None else None
+    return Planner(diffusion, normalizer, value, {"config": cfg}, **planner_options)
+
+
+def _from_checkpoint(run: str | os.PathLike, kind: str):
+    path = Path(run)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    state = load_checkpoint(path, kind=kind)
+    cfg_cls = DiffuserConfig if kind == "diffuser" else ValueConfig
+    cfg = cfg_cls(**state["config"])
+    net = build_diffusion(cfg, state["transition_dim"], state["action_dim"]) if kind == "diffuser" else build_value(cfg, state["transition_dim"])
+    _load_state(net, state["ema"], path)
+    return net, Normalizer.from_state_dict(state["normalizer"]), state["config"]
+
+
+def _load_state(net: torch.nn.Module, tensors: dict, path: Path) -> None:
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path} does not fit the network its configuration describes ({first[0] if first else exc}).") from None
+
+
+# ----------------------------------------------------------------------------- export / import
+
+
+def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra: dict | None = None) -> dict:
+    """Write a training checkpoint's EMA weights and normalizer as safetensors + JSON sidecar; returns the sidecar."""
+    from safetensors.torch import save as st_save
+
+    from diffusion_rl.training import read_loss_log
+
+    checkpoint = Path(checkpoint)
+    checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
+    state = load_checkpoint(checkpoint)
+    kind = state.get("kind")
+    if kind not in ("diffuser", "value"):
+        raise CheckpointError(f"{checkpoint} is a {kind!r} checkpoint, not a diffuser or value one.")
+    tensors = {f"net.{k}": v.contiguous() for k, v in state["ema"].items()}
+    norm = state["normalizer"]
+    tensors["normalizer.shift"], tensors["normalizer.scale"] = norm["shift"].contiguous(), norm["scale"].contiguous()
+    out = Path(out)
+    atomic_write_bytes(out, st_save(tensors))
+    log = read_loss_log(checkpoint.parent) if (checkpoint.parent / "loss.csv").exists() else []
+    meta = {
+        "file": out.name,
+        "kind": kind,
+        "config": state["config"],
+        "dataset_id": state["config"]["dataset_id"],
+        "action_dim": int(state["action_dim"]),
+        "transition_dim": int(state["transition_dim"]),
+        "normalizer_kind": norm["kind"],
+        "seed": state["config"]["seed"],
+        "steps": int(state["step"]),
+        "wall_time_s": round(float(state["wall_time"]), 1),
+        "final_loss": log[-1]["loss"] if log else None,
+        "loss_curve": [[r["step"], r["loss"]] for r in log[:: max(1, len(log) // 100)]],
+        "train_command": state.get("command", ""),
+        **(extra or {}),
+        "sha256": sha256_file(out),
+    }
+    atomic_write_json(out.with_suffix(".json"), meta)
+    return meta
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The JSON sidecar of a weight file."""
+    side = Path(path).with_suffix(".json")
+    if not side.exists():
+        raise CheckpointError(f"{path} has no sidecar {side.name}; weights are only loaded together with their sidecar.")
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"The sidecar {side} is not valid JSON ({exc}).") from None
+
+
+def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet, Normalizer, dict]:
+    """A denoiser or value network from safetensors + sidecar, after checking the SHA-256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"The weight file {path} is missing. Reinstall the package, or export it with `python -m diffusion_rl export-planner`.")
+    meta = read_sidecar(path)
+    digest = sha256_file(path)
+    if meta.get("sha256") != digest:
+        raise CheckpointError(f"{path} does not match the SHA-256 in its sidecar (file {digest[:12]}..., sidecar {str(meta.get('sha256'))[:12]}...): refusing to load it.")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}).") from None
+    kind = meta.get("kind")
+    if kind == "diffuser":
+        cfg = DiffuserConfig(**meta["config"])
+        net = build_diffusion(cfg, meta["transition_dim"], meta["action_dim"])
+    elif kind == "value":
+        net = build_value(ValueConfig(**meta["config"]), meta["transition_dim"])
+    else:
+        raise CheckpointError(f"{path}'s sidecar names kind {kind!r}; expected 'diffuser' or 'value'.")
+    _load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path)
+    try:
+        normalizer = Normalizer(tensors["normalizer.shift"].numpy(), tensors["normalizer.scale"].numpy(), meta["normalizer_kind"])
+    except KeyError:
+        raise CheckpointError(f"{path} holds no normalizer statistics.") from None
+    return net.eval(), normalizer, meta

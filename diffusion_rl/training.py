@@ -1,0 +1,342 @@
+"""Training the denoiser (the study's Algorithm 1.1) and the value network used for guidance.
+
+One loop serves both: draw a batch of windows, a diffusion level and noise per window from one
+seeded generator, take an AdamW step with gradient clipping, and keep an exponential moving average
+(EMA) of the weights, which is what gets sampled from. Every ``checkpoint_every`` steps (and on
+SIGTERM/SIGINT) the whole state is written atomically: weights, EMA, optimizer, generator, step,
+loss log. Rerun the same command after a kill and training continues to the same weights as an
+uninterrupted run (on the same machine and thread count).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from diffusion_rl.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from diffusion_rl.data import DEFAULT_DATASET_ID, Normalizer, TrajectoryWindows, load_episodes
+from diffusion_rl.diffusion import GaussianDiffusion, NoiseSchedule, condition
+from diffusion_rl.models import TemporalUnet, UNetConfig, ValueNet, check_horizon
+from diffusion_rl.runtime import StopOnSignal, pick_device
+
+__all__ = [
+    "TrainConfig",
+    "DiffuserConfig",
+    "ValueConfig",
+    "TrainingError",
+    "train",
+    "build_windows",
+    "build_diffusion",
+    "build_value",
+    "RESUME_MAY_CHANGE",
+]
+
+RESUME_MAY_CHANGE = frozenset({"total_steps", "threads", "checkpoint_every", "device"})
+"""Options a resumed run may change. (A different thread count or device gives equally good but not
+bit-identical weights: float sums are added up in a different order.)"""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options shared by the denoiser and the value network."""
+
+    dataset_id: str = DEFAULT_DATASET_ID
+    """Minari dataset to train on (build it with `python -m diffusion_rl make-dataset`)."""
+    horizon: int = 8
+    """Planning horizon H: steps per window (the study: 8; Diffuser: 32)."""
+    n_diffusion_steps: int = 20
+    """Diffusion levels T."""
+    schedule: str = "cosine"
+    """Beta schedule: cosine or linear."""
+    normalizer: str = "gaussian"
+    """Per-dimension normalization of actions and observations: gaussian or minmax."""
+    dim: int = 32
+    """Channels of the U-Net's first level."""
+    dim_mults: str = "1,2,4"
+    """Channel multipliers per level, comma-separated; the horizon is halved between levels."""
+    blocks_per_level: int = 2
+    """Residual blocks per level."""
+    kernel_size: int = 5
+    """Width of the temporal convolutions."""
+    batch_size: int = 64
+    """Windows per gradient step."""
+    lr: float = 2e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value."""
+    ema_decay: float = 0.995
+    """Decay of the exponential moving average of the weights."""
+    ema_every: int = 10
+    """Update the EMA every this many steps."""
+    ema_start: int = 1000
+    """Copy the weights into the EMA (instead of averaging) until this step."""
+    total_steps: int = 40_000
+    """Gradient steps in all; raise it and rerun to train on."""
+    checkpoint_every: int = 1000
+    """Write an atomic checkpoint every this many steps."""
+    log_every: int = 100
+    """Average the loss over this many steps per line of loss.csv."""
+    seed: int = 0
+    """Seed of the initial weights and of every batch, level and noise draw."""
+    threads: int = 2
+    """torch CPU threads."""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU), cpu or cuda."""
+
+    def unet(self, transition_dim: int) -> UNetConfig:
+        """The network shape these options describe."""
+        return UNetConfig(transition_dim, self.horizon, self.dim, _mults(self.dim_mults), self.kernel_size, self.blocks_per_level)
+
+
+@dataclass(frozen=True)
+class DiffuserConfig(TrainConfig):
+    """Options of the denoiser."""
+
+    predict_epsilon: bool = False
+    """Predict the noise instead of the clean trajectory tau^0 (Diffuser and the study predict tau^0)."""
+    action_weight: float = 10.0
+    """Loss weight of the first action, the one that gets executed (Diffuser: 10)."""
+    clip_denoised: float = 0.0
+    """Clip predicted tau^0 to [-c, c] while sampling; 0 turns clipping off (for gaussian normalization)."""
+
+
+@dataclass(frozen=True)
+class ValueConfig(TrainConfig):
+    """Options of the value network."""
+
+    discount: float = 0.99
+    """Discount of the return the network predicts."""
+    value_scope: str = "window"
+    """window: return inside the H-step window (the study); episode: to the episode's end (Diffuser)."""
+    termination_penalty: float = -100.0
+    """Added to the reward of a fall, so that guidance steers away from falling."""
+    total_steps: int = 20_000
+    """Gradient steps in all; raise it and rerun to train on."""
+
+
+def _mults(text: str) -> tuple[int, ...]:
+    try:
+        mults = tuple(int(m) for m in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"dim_mults must be comma-separated integers such as '1,2,4', got {text!r}.") from None
+    if not mults or min(mults) < 1:
+        raise ValueError(f"dim_mults must be positive integers, got {text!r}.")
+    return mults
+
+
+def config_kind(cfg: TrainConfig) -> str:
+    """'diffuser' or 'value': the checkpoint kind a config trains."""
+    return "diffuser" if isinstance(cfg, DiffuserConfig) else "value"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_windows(cfg: TrainConfig, normalizer: Normalizer | None = None) -> TrajectoryWindows:
+    """The training windows of a config's dataset (values as the value config asks)."""
+    check_horizon(cfg.horizon, _mults(cfg.dim_mults))
+    episodes = load_episodes(cfg.dataset_id)
+    value_opts = {}
+    if isinstance(cfg, ValueConfig):
+        value_opts = dict(discount=cfg.discount, value_scope=cfg.value_scope, termination_penalty=cfg.termination_penalty)
+    return TrajectoryWindows(episodes, cfg.horizon, normalizer or cfg.normalizer, **value_opts)
+
+
+def build_diffusion(cfg: DiffuserConfig, transition_dim: int, action_dim: int) -> GaussianDiffusion:
+    """A fresh denoiser with its schedule."""
+    return GaussianDiffusion(
+        TemporalUnet(cfg.unet(transition_dim)), action_dim, cfg.n_diffusion_steps, cfg.schedule,
+        cfg.predict_epsilon, cfg.action_weight, cfg.clip_denoised or None,
+    )
+
+
+def build_value(cfg: ValueConfig, transition_dim: int) -> ValueNet:
+    """A fresh value network."""
+    return ValueNet(cfg.unet(transition_dim))
+
+
+def diffuser_loss(net: GaussianDiffusion, x0: torch.Tensor, value: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1.1's loss on one batch."""
+    return net.loss(x0, t, noise)
+
+
+def value_loss(net: ValueNet, schedule: NoiseSchedule, action_dim: int, x0: torch.Tensor, value: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """MSE of the value of noised, state-conditioned windows, in standardized units."""
+    x_t = condition(schedule.q_sample(x0, t, noise), x0[:, 0, action_dim:], action_dim)
+    return F.mse_loss((net(x_t, t) - value) / net.value_scale, torch.zeros_like(value))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Train (or resume) the denoiser or value network ``cfg`` describes; returns the checkpoint path.
+
+    ``run_dir`` holds ``checkpoint.pt`` and ``loss.csv``. A rerun with the same options resumes.
+    """
+    from tqdm.auto import tqdm
+
+    kind = config_kind(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    device = pick_device(cfg.device)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+
+    windows = build_windows(cfg)
+    D, A = windows.transition_dim, windows.act_dim
+    torch.manual_seed(cfg.seed)
+    if kind == "diffuser":
+        net = build_diffusion(cfg, D, A)
+        loss_fn = diffuser_loss
+    else:
+        net = build_value(cfg, D)
+        net.value_shift.fill_(windows.values.mean())
+        net.value_scale.fill_(windows.values.std().clamp_min(1e-6))
+        schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.schedule).to(device)
+
+        def loss_fn(net, x0, value, t, noise):
+            return value_loss(net, schedule, A, x0, value, t, noise)
+
+    net.to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, wall, log = 0, 0.0, []
+
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, kind=kind)
+        saved = type(cfg)(**state["config"])
+        changed = {k for k, v in asdict(cfg).items() if getattr(saved, k) != v} - RESUME_MAY_CHANGE
+        if changed:
+            raise CheckpointError(
+                f"{ckpt_path} was written with different options ({', '.join(sorted(changed))}); use another "
+                f"--run-dir or the same options (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)."
+            )
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, wall, log = int(state["step"]), float(state["wall_time"]), [list(r) for r in state["log"].tolist()]
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "kind": kind,
+                "config": asdict(cfg),
+                "model": net.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "normalizer": windows.normalizer.state_dict(),
+                "action_dim": A,
+                "transition_dim": D,
+                "step": step,
+                "wall_time": wall,
+                "log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
+                "command": _command_line(),
+            },
+        )
+        _write_log(run_dir / "loss.csv", log)
+
+    stop = StopOnSignal()
+    print(f"train {kind}: step {step} of {cfg.total_steps}, run folder {run_dir}", flush=True)
+    bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc=f"train {kind}", unit="step", smoothing=0.05, mininterval=1.0)
+    t0 = time.perf_counter() - wall
+    running, n_running = 0.0, 0
+    B, H, T = cfg.batch_size, cfg.horizon, cfg.n_diffusion_steps
+    try:
+        net.train()
+        while step < cfg.total_steps and not stop.requested:
+            # Every random draw comes from `gen`, in this order, so a resumed run draws what an uninterrupted one would.
+            idx = torch.randint(len(windows), (B,), generator=gen)
+            t = torch.randint(T, (B,), generator=gen)
+            noise = torch.randn(B, H, D, generator=gen)
+            batch = windows.batch(idx)
+            loss = loss_fn(net, batch.trajectory.to(device), batch.value.to(device), t.to(device), noise.to(device))
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"The {kind} loss became {loss.item()} at step {step + 1}; nothing after the last checkpoint "
+                    f"(step {step - step % cfg.checkpoint_every}) was saved. Lower --lr or --grad-clip and rerun."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            _update_ema(ema, net, step, cfg)
+
+            running, n_running = running + loss.item(), n_running + 1
+            if step % cfg.log_every == 0:
+                wall = time.perf_counter() - t0
+                log.append([step, running / n_running, wall])
+                bar.set_postfix(loss=f"{running / n_running:.4f}")
+                running, n_running = 0.0, 0
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                wall = time.perf_counter() - t0
+                checkpoint()
+        if stop.requested:
+            wall = time.perf_counter() - t0
+            checkpoint()
+    finally:
+        bar.close()
+        stop.restore()
+        torch.set_num_threads(old_threads)
+    return ckpt_path
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, step: int, cfg: TrainConfig) -> None:
+    """Copy the weights before ``ema_start``, then average them every ``ema_every`` steps."""
+    if step % cfg.ema_every:
+        return
+    ema_p, net_p = list(ema.parameters()), list(net.parameters())
+    if step < cfg.ema_start:
+        torch._foreach_copy_(ema_p, net_p)
+    else:
+        torch._foreach_lerp_(ema_p, net_p, 1 - cfg.ema_decay)
+
+
+def _write_log(path: Path, log: list) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "loss", "wall_time_s"])
+    writer.writerows([int(s), f"{loss:.6g}", f"{w:.1f}"] for s, loss, w in log)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_loss_log(run_dir: str | os.PathLike) -> list[dict]:
+    """The loss curve of a run as rows {step, loss, wall_time_s}."""
+    with open(Path(run_dir) / "loss.csv") as f:
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "wall_time_s": float(r["wall_time_s"])} for r in csv.DictReader(f)]
+
+
+def _command_line() -> str:
+    return "python -m diffusion_rl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("diffusion_rl") else ""
+
+
+def config_from_args(cls: type[TrainConfig], args) -> TrainConfig:
+    """Build a config from an argparse namespace whose names match its fields."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+
+
