@@ -247,3 +247,26 @@ def test_cli_evaluate_and_export(runs, tmp_path):
     assert summary["episodes"] == 2 and "percent_of_data" in summary
     bad = subprocess.run(cli("evaluate", "--diffuser", str(runs[0]), "--window", "9", "--no-progress"), capture_output=True, text=True)
     assert bad.returncode == 2 and "1..4" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the shipped planner
+
+
+def test_shipped_planner_verifies_and_its_sidecar_is_complete():
+    planner = pretrained.load("walker2d-h8", device="cpu")
+    assert planner.horizon == 8 and planner.value is not None
+    meta = planner.meta
+    for key in ("config", "dataset_id", "steps", "wall_time_s", "final_loss", "seed", "train_command", "score", "dataset"):
+        assert key in meta, key
+    assert meta["score"]["unguided_k1"]["episodes"] == 20
+    for part in ("diffuser", "value"):
+        assert pretrained.asset_path("walker2d-h8", part).stat().st_size < 8_000_000
+
+
+def test_shipped_planner_walks_when_it_replans_every_step():
+    """Four episodes of 300 steps at k = 1: nobody falls and the reward rate is the data's."""
+    planner = pretrained.load("walker2d-h8", device="cpu")
+    results = rollout(planner, [10_000, 10_001, 10_002, 10_003], window=1, max_steps=300)
+    assert not any(r.fell for r in results)
+    rate = np.mean([r.total_return / r.length for r in results])
+    assert rate >= 0.9 * planner.meta["dataset"]["reward_per_step"]
