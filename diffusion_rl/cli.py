@@ -135,7 +135,7 @@ def cmd_export_planner(args: argparse.Namespace) -> int:
         episodes=args.episodes, command=_command_line(), progress=not args.no_progress,
     )
     for key, row in meta["score"].items():
-        print(f"{key}: {row['mean_return']:.1f} +- {row['std_return']:.1f}, {row['percent_of_data']:.1f}% of data, {row['falls']} falls")
+        print(f"{key}: {row['mean_return']:.1f} +- {row['std_return']:.1f}, {row['percent_of_data']:.1f}% of data, {row['falls']} falls, {row['wall_time_s']:.0f} s")
     return 0
 
 

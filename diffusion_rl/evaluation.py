@@ -91,8 +91,6 @@ def export_planner(
     score = {}
     for key, (window, scale) in settings.items():
         score[key] = evaluate(planner, window, scale, seeds, progress=progress)
-        row = score[key]
-        print(f"{key}: {row['mean_return']:.1f} +- {row['std_return']:.1f} ({row.get('percent_of_data', float('nan')):.1f}% of data), {row['falls']} falls, {row['wall_time_s']:.0f} s")
     for meta, path in ((dmeta, dpath), (vmeta, vpath)):
         meta["score"] = score
         meta["score_protocol"] = (

@@ -19,7 +19,7 @@ from diffusion_rl.data import Normalizer
 from diffusion_rl.diffusion import GaussianDiffusion
 from diffusion_rl.models import ValueNet
 from diffusion_rl.planner import Planner
-from diffusion_rl.training import DiffuserConfig, ValueConfig, build_diffusion, build_value
+from diffusion_rl.training import DiffuserConfig, ValueConfig, build_diffusion, build_value, train_command
 
 __all__ = ["PRETRAINED", "load", "load_run", "export_network", "load_network", "asset_path"]
 
@@ -108,7 +108,7 @@ def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra:
         "wall_time_s": round(float(state["wall_time"]), 1),
         "final_loss": log[-1]["loss"] if log else None,
         "loss_curve": [[r["step"], r["loss"]] for r in log[:: max(1, len(log) // 100)]],
-        "train_command": state.get("command", ""),
+        "train_command": train_command((DiffuserConfig if kind == "diffuser" else ValueConfig)(**state["config"]), f"runs/{kind}-h{state['config']['horizon']}"),
         **(extra or {}),
         "sha256": sha256_file(out),
     }

@@ -16,7 +16,6 @@ import io
 import math
 import os
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -40,6 +39,8 @@ __all__ = [
     "build_diffusion",
     "build_value",
     "RESUME_MAY_CHANGE",
+    "train_command",
+    "read_loss_log",
 ]
 
 RESUME_MAY_CHANGE = frozenset({"total_steps", "threads", "checkpoint_every", "device"})
@@ -253,7 +254,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
                 "step": step,
                 "wall_time": wall,
                 "log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
-                "command": _command_line(),
+                "command": train_command(cfg, run_dir.name),
             },
         )
         _write_log(run_dir / "loss.csv", log)
@@ -331,8 +332,11 @@ def read_loss_log(run_dir: str | os.PathLike) -> list[dict]:
         return [{"step": int(r["step"]), "loss": float(r["loss"]), "wall_time_s": float(r["wall_time_s"])} for r in csv.DictReader(f)]
 
 
-def _command_line() -> str:
-    return "python -m diffusion_rl " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("diffusion_rl") else ""
+def train_command(cfg: TrainConfig, run_dir: str | os.PathLike = "RUN") -> str:
+    """The command line that trains ``cfg`` (options that differ from the defaults), however it was launched."""
+    default = type(cfg)()
+    opts = [f"--{f.name.replace('_', '-')} {shlex.quote(str(getattr(cfg, f.name)))}" for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join([f"python -m diffusion_rl train-{config_kind(cfg)} --run-dir {shlex.quote(str(run_dir))}", *opts])
 
 
 def config_from_args(cls: type[TrainConfig], args) -> TrainConfig:
