@@ -18,6 +18,7 @@ from diffusion_rl.diffusion import GaussianDiffusion
 from diffusion_rl.models import TemporalUnet, UNetConfig, ValueNet
 from diffusion_rl.planner import Planner, rollout
 from diffusion_rl.runtime import torch_threads
+from diffusion_rl.training import DiffuserConfig, make_optimizer
 
 __all__ = ["REFERENCE", "run_benchmark", "train_speed", "plan_time"]
 
@@ -43,7 +44,7 @@ def train_speed(batch_size: int, threads: int, steps: int = 40, horizon: int = 8
     """Gradient steps per second of the default denoiser (AdamW, clipping; the training step's work)."""
     torch.manual_seed(0)
     diffusion = GaussianDiffusion(TemporalUnet(UNetConfig(ACT + OBS, horizon)), ACT)
-    opt = torch.optim.AdamW(diffusion.parameters(), lr=2e-4)
+    opt = make_optimizer(diffusion, DiffuserConfig())
     x0 = torch.randn(batch_size, horizon, ACT + OBS)
 
     def step():

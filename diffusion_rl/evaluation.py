@@ -51,6 +51,10 @@ def evaluate(
         planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
     reference = planner.meta.get("dataset", {}).get("mean_return")
     out = summarize(results, reference)
+    if guidance_scale is not None:
+        out["guide"] = {"n_steps": planner.n_guide_steps, "t_stopgrad": planner.t_stopgrad, "scale_by_variance": planner.scale_by_variance}
+    if ddim_steps is not None or n_samples > 1:
+        out.update(ddim_steps=ddim_steps, n_samples=n_samples)
     out["wall_time_s"] = round(time.perf_counter() - t0, 1)
     out["env_steps"] = int(sum(r.length for r in results))
     return out
@@ -61,7 +65,7 @@ def export_planner(
     value_run: str | os.PathLike,
     name: str = "walker2d-h8",
     out_dir: str | os.PathLike | None = None,
-    guidance_scale: float = 0.1,
+    guidance_scale: float = 0.3,
     episodes: int = 20,
     command: str = "",
     progress: bool = True,

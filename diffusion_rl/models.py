@@ -153,9 +153,9 @@ class TemporalUnet(nn.Module):
         self.mid = Level(bottom, bottom, cfg.dim, cfg.kernel_size, cfg.blocks_per_level)
         self.levels = nn.ModuleList()
         self.ups = nn.ModuleList()
-        # Walk back up: each level takes its own features concatenated with the matching skip.
-        ups = list(zip(channels[1:-1], channels[2:]))[::-1]  # (c_out_of_up_level, c_in_from_below)
-        for c_small, c_big in ups:
+        # Back up, coarse to fine: a level reads its input joined with the skip of the same resolution,
+        # maps 2 * c_big channels to c_small, then doubles the horizon.
+        for c_small, c_big in reversed(list(zip(channels[1:-1], channels[2:]))):
             self.levels.append(Level(c_big * 2, c_small, cfg.dim, cfg.kernel_size, cfg.blocks_per_level))
             self.ups.append(nn.ConvTranspose1d(c_small, c_small, 4, stride=2, padding=1))
         self.final = nn.Sequential(ConvBlock(channels[1], channels[1], cfg.kernel_size), nn.Conv1d(channels[1], cfg.transition_dim, 1))

@@ -62,7 +62,13 @@ def episode_generator(seed: int) -> torch.Generator:
 
 
 class Planner:
-    """A trained denoiser, its normalizer and (optionally) a value network, ready to plan."""
+    """A trained denoiser, its normalizer and (optionally) a value network, ready to plan.
+
+    Guidance options (see :class:`~diffusion_rl.diffusion.Guide`): one gradient step after each
+    reverse step, none in the last ``t_stopgrad = 2`` steps (as Diffuser), no variance scaling (as
+    the study). On 100 tuning seeds at k = 8 and scale 0.3 it scored 69.1% of the data's return against
+    66.3% with the study's ``t_stopgrad = 0`` (a difference within the noise) and 59.3% unguided.
+    """
 
     def __init__(
         self,
@@ -71,7 +77,7 @@ class Planner:
         value: ValueNet | None = None,
         meta: dict | None = None,
         n_guide_steps: int = 1,
-        t_stopgrad: int = 0,
+        t_stopgrad: int = 2,
         scale_by_variance: bool = False,
     ):
         self.diffusion = diffusion.eval().requires_grad_(False)

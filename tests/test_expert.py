@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from diffusion_rl.expert import EVAL_SEEDS, Actor, SACConfig, evaluate_policy, load_policy, shipped_policy_path, train_sac
+from diffusion_rl.expert import (
+    EVAL_SEEDS,
+    Actor,
+    SACConfig,
+    evaluate_policy,
+    load_policy,
+    shipped_policy_path,
+    train_sac,
+)
 
 TINY = SACConfig(total_steps=1500, learning_starts=300, batch_size=32, hidden=32, eval_every=500, eval_episodes=1, checkpoint_every=250)
 TINY_ARGS = ["--total-steps", "1500", "--learning-starts", "300", "--batch-size", "32", "--hidden", "32",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -281,3 +280,14 @@ def test_shipped_planner_walks_when_it_replans_every_step():
             obs, reward, terminated, truncated, _ = env.step(actor.act(obs, deterministic=True))
             expert, done = expert + reward, terminated or truncated
     assert sum(r.total_return for r in results) >= 0.9 * expert
+
+
+def test_the_recorded_train_command_rebuilds_the_config():
+    import shlex
+
+    from diffusion_rl.cli import build_parser
+    from diffusion_rl.training import config_from_args, train_command
+
+    for cfg in (TINY_D, replace(TINY_D, predict_epsilon=True, clip_denoised=1.0), TINY_V):
+        args = build_parser().parse_args(shlex.split(train_command(cfg, "r"))[3:])
+        assert config_from_args(type(cfg), args) == cfg
