@@ -68,6 +68,12 @@ class Planner:
     reverse step, none in the last ``t_stopgrad = 2`` steps (as Diffuser), no variance scaling (as
     the study). On 100 tuning seeds at k = 8 and scale 0.3 it scored 69.1% of the data's return against
     66.3% with the study's ``t_stopgrad = 0`` (a difference within the noise) and 59.3% unguided.
+
+    ``min_batch``: batches smaller than this are padded. torch's CPU convolution and matmul kernels
+    pick their blocking by batch size, so a row's last float bits (and, through MuJoCo's chaos, a whole
+    episode) would otherwise depend on how many other episodes share the batch. On this machine's
+    kernels every batch of 16 rows or more computes each row identically, whatever its batch-mates;
+    tests/test_planner.py checks it, so an episode of a batched sweep can be replayed on its own.
     """
 
     def __init__(
@@ -79,7 +85,10 @@ class Planner:
         n_guide_steps: int = 1,
         t_stopgrad: int = 2,
         scale_by_variance: bool = False,
+        min_batch: int = 16,
     ):
+        if not isinstance(min_batch, int) or min_batch < 1:
+            raise ValueError(f"min_batch must be a positive integer, got {min_batch!r}.")
         self.diffusion = diffusion.eval().requires_grad_(False)
         self.value = value.eval().requires_grad_(False) if value is not None else None
         self.normalizer = normalizer
@@ -90,6 +99,7 @@ class Planner:
         self.horizon = diffusion.horizon
         self.obs_dim = diffusion.transition_dim - diffusion.action_dim
         self.n_guide_steps, self.t_stopgrad, self.scale_by_variance = n_guide_steps, t_stopgrad, scale_by_variance
+        self.min_batch = min_batch
         if value is not None and (value.cfg.horizon, value.cfg.transition_dim) != (self.horizon, diffusion.transition_dim):
             raise ValueError(
                 f"The value network was built for horizon {value.cfg.horizon} and {value.cfg.transition_dim} dims, "
@@ -158,16 +168,20 @@ class Planner:
         noise = noise.flatten(0, 1).transpose(0, 1)  # (steps+1, B*N, H, D)
 
         cond = self.obs_normalizer.normalize(torch.from_numpy(obs).to(self.device)).repeat_interleave(n_samples, 0)
+        rows, pad = len(cond), max(0, self.min_batch - len(cond))
+        if pad:  # see min_batch: padding rows make each row's result independent of its batch-mates
+            cond = torch.cat([cond, cond[:1].expand(pad, -1)])
+            noise = torch.cat([noise, noise.new_zeros(noise.shape[0], pad, *noise.shape[2:])], 1)
         out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain)
         x, values, chain = out.trajectories, out.values, out.chain
+        if values is None and self.value is not None:
+            values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+        x, chain = x[:rows], (chain[:, :rows] if chain is not None else None)
+        values = values[:rows] if values is not None else None
         if n_samples > 1:
-            if values is None:
-                values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
             best = values.view(B, n_samples).argmax(1) + torch.arange(B, device=x.device) * n_samples
             x, values = x[best], values[best]
             chain = chain[:, best] if chain is not None else None
-        elif values is None and self.value is not None:
-            values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
         raw = self.normalizer.unnormalize(x.double()).float().cpu().numpy()
         actions, observations_ = raw[..., : self.action_dim], raw[..., self.action_dim:]
         vals = values.cpu().numpy() if values is not None else None

@@ -291,3 +291,25 @@ def test_the_recorded_train_command_rebuilds_the_config():
     for cfg in (TINY_D, replace(TINY_D, predict_epsilon=True, clip_denoised=1.0), TINY_V):
         args = build_parser().parse_args(shlex.split(train_command(cfg, "r"))[3:])
         assert config_from_args(type(cfg), args) == cfg
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_plans_do_not_depend_on_their_batch_mates(scale):
+    from diffusion_rl.planner import episode_generator
+
+    planner = pretrained.load("walker2d-h8", device="cpu")
+    obs = planner.obs_normalizer.shift.astype(np.float32) + 0.1 * np.random.default_rng(0).normal(size=(20, 17)).astype(np.float32)
+    full = planner.plan(obs, scale, generators=[episode_generator(i) for i in range(20)]).actions
+    for n in (1, 2, 17):
+        part = planner.plan(obs[:n], scale, generators=[episode_generator(i) for i in range(n)]).actions
+        assert np.array_equal(part, full[:n]), n
+
+
+def test_an_episode_of_a_batch_replays_alone_to_its_sidecar_return():
+    """Two of the 20 scored k = 8 episodes, run on their own, give the sidecar's returns bit for bit."""
+    planner = pretrained.load("walker2d-h8", device="cpu")
+    score = planner.meta["score"]
+    for key, scale in (("unguided_k8", None), ("guided_k8", score["guided_k8"]["guidance_scale"])):
+        seeds = score[key]["seeds"]
+        results = rollout(planner, [seeds[0], seeds[7]], window=8, guidance_scale=scale)
+        assert [round(r.total_return, 2) for r in results] == [score[key]["returns"][0], score[key]["returns"][7]]
