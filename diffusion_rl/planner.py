@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -210,7 +210,6 @@ class EpisodeResult:
     rewards: np.ndarray | None = None
     plans: np.ndarray | None = None
     plan_steps: np.ndarray | None = None
-    _buf: dict = field(default_factory=dict, repr=False)
 
 
 def rollout(
@@ -241,9 +240,7 @@ def rollout(
     results = [EpisodeResult(seed=s, window=window, guidance_scale=guidance_scale) for s in seeds]
     gens = [episode_generator(s) for s in seeds]
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
-    if record:
-        for r, o in zip(results, obs):
-            r._buf = {"states": [o.copy()], "actions": [], "rewards": [], "plans": [], "plan_steps": []}
+    logs = [{"states": [o.copy()], "actions": [], "rewards": [], "plans": [], "plan_steps": []} for o in obs] if record else None
     live = list(range(len(seeds)))
     current = np.zeros((len(seeds), planner.horizon, planner.action_dim), np.float32)
     bar = _bar(progress, max_steps)
@@ -257,8 +254,8 @@ def rollout(
                     current[live] = plan.actions
                     if record:
                         for j, i in enumerate(live):
-                            results[i]._buf["plans"].append(np.concatenate([plan.actions[j], plan.observations[j]], 1))
-                            results[i]._buf["plan_steps"].append(step)
+                            logs[i]["plans"].append(np.concatenate([plan.actions[j], plan.observations[j]], 1))
+                            logs[i]["plan_steps"].append(step)
                 still = []
                 for i in live:
                     action = np.clip(current[i, step % window], -1.0, 1.0)
@@ -267,9 +264,9 @@ def rollout(
                     r.total_return += float(reward)
                     r.length += 1
                     if record:
-                        r._buf["states"].append(o)
-                        r._buf["actions"].append(action)
-                        r._buf["rewards"].append(reward)
+                        logs[i]["states"].append(o)
+                        logs[i]["actions"].append(action)
+                        logs[i]["rewards"].append(reward)
                     if not np.all(np.isfinite(o)):
                         r.diverged = True
                     elif terminated:
@@ -284,12 +281,10 @@ def rollout(
         for env in envs:
             env.close()
     if record:
-        for r in results:
-            b = r._buf
-            r.states, r.actions = np.asarray(b["states"], np.float32), np.asarray(b["actions"], np.float32)
-            r.rewards = np.asarray(b["rewards"], np.float32)
-            r.plans, r.plan_steps = np.asarray(b["plans"], np.float32), np.asarray(b["plan_steps"])
-            r._buf = {}
+        for r, log in zip(results, logs):
+            r.states, r.actions = np.asarray(log["states"], np.float32), np.asarray(log["actions"], np.float32)
+            r.rewards = np.asarray(log["rewards"], np.float32)
+            r.plans, r.plan_steps = np.asarray(log["plans"], np.float32), np.asarray(log["plan_steps"])
     return results
 
 
