@@ -31,6 +31,11 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         )
 
 
+def config_from_args(cls, args: argparse.Namespace):
+    """Build config dataclass ``cls`` from the options :func:`_add_dataclass_args` added (unset ones keep their defaults)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -65,9 +70,9 @@ def _command_line() -> str:
 
 
 def cmd_train_expert(args: argparse.Namespace) -> int:
-    from diffusion_rl.expert import config_from_args, train_sac
+    from diffusion_rl.expert import SACConfig, train_sac
 
-    path = train_sac(config_from_args(args), args.run_dir, progress=not args.no_progress)
+    path = train_sac(config_from_args(SACConfig, args), args.run_dir, progress=not args.no_progress)
     print(f"checkpoint: {path}")
     return 0
 
@@ -97,10 +102,9 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffusion_rl.training import DiffuserConfig, ValueConfig, config_from_args, train
+    from diffusion_rl.training import CONFIGS, train
 
-    cls = DiffuserConfig if args.command == "train-diffuser" else ValueConfig
-    path = train(config_from_args(cls, args), args.run_dir, progress=not args.no_progress)
+    path = train(config_from_args(CONFIGS[args.command.removeprefix("train-")], args), args.run_dir, progress=not args.no_progress)
     print(f"checkpoint: {path}")
     return 0
 

@@ -150,13 +150,12 @@ class Guide:
         if not isinstance(self.n_steps, int) or self.n_steps < 1:
             raise ValueError(f"n_steps must be a positive integer, got {self.n_steps!r}.")
 
-    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(dV/dx, V) at x; the value network's parameters get no gradient."""
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """dV/dx at x; the value network's parameters get no gradient."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            v = self.value(x, t)
-            (grad,) = torch.autograd.grad(v.sum(), x)
-        return grad, v.detach()
+            (grad,) = torch.autograd.grad(self.value(x, t).sum(), x)
+        return grad
 
 
 class Sample(NamedTuple):
@@ -296,7 +295,7 @@ class GaussianDiffusion(nn.Module):
             return x
         level = torch.full((x.shape[0],), max(t_int - 1, 0), device=x.device, dtype=torch.long)
         for _ in range(guide.n_steps):
-            grad, _ = guide.gradient(x, level)
+            grad = guide.gradient(x, level)
             if guide.scale_by_variance:
                 grad = grad * self.schedule.posterior_variance[t_int]
             x = condition(x + guide.scale * grad, state, self.action_dim)

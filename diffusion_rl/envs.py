@@ -6,10 +6,13 @@ import gymnasium as gym
 
 import diffusion_rl  # noqa: F401  (sets MUJOCO_GL before mujoco is imported)
 
-__all__ = ["ENV_ID", "make_env"]
+__all__ = ["ENV_ID", "EVAL_SEEDS", "make_env"]
 
 ENV_ID = "Walker2d-v5"
 """The environment Minari's own ``mujoco/walker2d/*-v0`` datasets were collected in."""
+
+EVAL_SEEDS = tuple(range(10_000, 10_020))
+"""Reset seeds of the 20 evaluation episodes: the expert and every planner are scored on these."""
 
 
 def make_env(env_id: str = ENV_ID, render_mode: str | None = None, **kwargs) -> gym.Env:

@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_rl.checkpoint import atomic_write_json
+from diffusion_rl.envs import EVAL_SEEDS
 from diffusion_rl.planner import Planner, rollout, summarize
 
 __all__ = ["EVAL_SEEDS", "dataset_reference", "evaluate", "export_planner"]
-
-EVAL_SEEDS = tuple(range(10_000, 10_020))
-"""Reset seeds of the 20 evaluation episodes (the same ones the expert was scored on)."""
 
 
 def dataset_reference(dataset_id: str) -> dict:
@@ -29,7 +27,7 @@ def dataset_reference(dataset_id: str) -> dict:
 
     ds = load_dataset(dataset_id)
     summary = dataset_summary(ds)
-    summary["reward_per_step"] = float(sum(float(np.sum(ep.rewards)) for ep in ds.iterate_episodes()) / summary["steps"])
+    summary["reward_per_step"] = summary["mean_return"] * summary["episodes"] / summary["steps"]
     summary.pop("path", None)
     return summary
 

@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from diffusion_rl.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from diffusion_rl.envs import ENV_ID, make_env
+from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, make_env
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
 __all__ = [
@@ -49,9 +49,6 @@ __all__ = [
     "shipped_policy_path",
     "train_sac",
 ]
-
-EVAL_SEEDS = tuple(range(10_000, 10_020))
-"""Reset seeds of the 20 deterministic evaluation episodes reported in the sidecar."""
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -565,8 +562,3 @@ def load_policy(path: str | os.PathLike | None = None) -> tuple[Actor, dict]:
         raise CheckpointError(f"{path} does not hold a SAC actor of the shape its sidecar names: {exc}") from None
     actor.eval()
     return actor, meta
-
-
-def config_from_args(args) -> SACConfig:
-    """Build a SACConfig from an argparse namespace whose names match its fields."""
-    return SACConfig(**{f.name: getattr(args, f.name) for f in fields(SACConfig) if getattr(args, f.name, None) is not None})

@@ -154,9 +154,8 @@ class Planner:
         guide = self.guide(guidance_scale)
         B = len(obs)
         if generators is None:
-            generators = [torch.Generator().manual_seed(seed)] if seed is not None else [torch.default_generator]
-            generators = generators * B if len(generators) == 1 else generators
-        elif isinstance(generators, torch.Generator):
+            generators = torch.Generator().manual_seed(seed) if seed is not None else torch.default_generator
+        if isinstance(generators, torch.Generator):
             generators = [generators] * B
         if len(generators) != B:
             raise ValueError(f"Got {len(generators)} generators for {B} observations.")

@@ -19,7 +19,7 @@ from diffusion_rl.data import Normalizer
 from diffusion_rl.diffusion import GaussianDiffusion
 from diffusion_rl.models import ValueNet
 from diffusion_rl.planner import Planner
-from diffusion_rl.training import DiffuserConfig, ValueConfig, build_diffusion, build_value, train_command
+from diffusion_rl.training import CONFIGS, build_network, train_command
 
 __all__ = ["PRETRAINED", "load", "load_run", "export_network", "load_network", "asset_path"]
 
@@ -59,9 +59,7 @@ def _from_checkpoint(run: str | os.PathLike, kind: str):
     path = Path(run)
     path = path / "checkpoint.pt" if path.is_dir() else path
     state = load_checkpoint(path, kind=kind)
-    cfg_cls = DiffuserConfig if kind == "diffuser" else ValueConfig
-    cfg = cfg_cls(**state["config"])
-    net = build_diffusion(cfg, state["transition_dim"], state["action_dim"]) if kind == "diffuser" else build_value(cfg, state["transition_dim"])
+    net, _ = build_network(kind, state["config"], state["transition_dim"], state["action_dim"])
     _load_state(net, state["ema"], path)
     return net, Normalizer.from_state_dict(state["normalizer"]), state["config"]
 
@@ -87,7 +85,7 @@ def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra:
     checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
     state = load_checkpoint(checkpoint)
     kind = state.get("kind")
-    if kind not in ("diffuser", "value"):
+    if kind not in CONFIGS:
         raise CheckpointError(f"{checkpoint} is a {kind!r} checkpoint, not a diffuser or value one.")
     tensors = {f"net.{k}": v.contiguous() for k, v in state["ema"].items()}
     norm = state["normalizer"]
@@ -108,7 +106,7 @@ def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra:
         "wall_time_s": round(float(state["wall_time"]), 1),
         "final_loss": log[-1]["loss"] if log else None,
         "loss_curve": [[r["step"], r["loss"]] for r in log[:: max(1, len(log) // 100)]],
-        "train_command": train_command((DiffuserConfig if kind == "diffuser" else ValueConfig)(**state["config"]), f"runs/{kind}-h{state['config']['horizon']}"),
+        "train_command": train_command(CONFIGS[kind](**state["config"]), f"runs/{kind}-h{state['config']['horizon']}"),
         **(extra or {}),
         "sha256": sha256_file(out),
     }
@@ -144,13 +142,9 @@ def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet,
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}).") from None
     kind = meta.get("kind")
-    if kind == "diffuser":
-        cfg = DiffuserConfig(**meta["config"])
-        net = build_diffusion(cfg, meta["transition_dim"], meta["action_dim"])
-    elif kind == "value":
-        net = build_value(ValueConfig(**meta["config"]), meta["transition_dim"])
-    else:
+    if kind not in CONFIGS:
         raise CheckpointError(f"{path}'s sidecar names kind {kind!r}; expected 'diffuser' or 'value'.")
+    net, _ = build_network(kind, meta["config"], meta["transition_dim"], meta["action_dim"])
     _load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path)
     try:
         normalizer = Normalizer(tensors["normalizer.shift"].numpy(), tensors["normalizer.scale"].numpy(), meta["normalizer_kind"])

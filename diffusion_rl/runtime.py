@@ -1,4 +1,4 @@
-"""Process-wide compute settings: how many CPU threads torch uses for a piece of work.
+"""Where and how work runs: torch CPU threads, the device, and stopping cleanly on a signal.
 
 Small per-step inference (an MLP on a batch of a few observations) is fastest on one thread,
 and on a 2-core machine a second thread is worse than useless as soon as anything else runs:

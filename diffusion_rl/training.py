@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import math
 import os
 import shlex
 import time
@@ -40,6 +41,8 @@ __all__ = [
     "RESUME_MAY_CHANGE",
     "train_command",
     "read_loss_log",
+    "CONFIGS",
+    "build_network",
 ]
 
 RESUME_MAY_CHANGE = frozenset({"total_steps", "threads", "checkpoint_every", "device"})
@@ -141,6 +144,10 @@ def _mults(text: str) -> tuple[int, ...]:
     return mults
 
 
+CONFIGS: dict[str, type[TrainConfig]] = {"diffuser": DiffuserConfig, "value": ValueConfig}
+"""The config class of each checkpoint kind."""
+
+
 def config_kind(cfg: TrainConfig) -> str:
     """'diffuser' or 'value': the checkpoint kind a config trains."""
     return "diffuser" if isinstance(cfg, DiffuserConfig) else "value"
@@ -170,6 +177,15 @@ def build_diffusion(cfg: DiffuserConfig, transition_dim: int, action_dim: int) -
 def build_value(cfg: ValueConfig, transition_dim: int) -> ValueNet:
     """A fresh value network."""
     return ValueNet(cfg.unet(transition_dim))
+
+
+def build_network(kind: str, config: dict, transition_dim: int, action_dim: int) -> tuple[GaussianDiffusion | ValueNet, TrainConfig]:
+    """A fresh network of checkpoint kind ``kind`` from its saved config dict; returns it and the config."""
+    if kind not in CONFIGS:
+        raise CheckpointError(f"Unknown network kind {kind!r}; expected one of {', '.join(CONFIGS)}.")
+    cfg = CONFIGS[kind](**config)
+    net = build_diffusion(cfg, transition_dim, action_dim) if kind == "diffuser" else build_value(cfg, transition_dim)
+    return net, cfg
 
 
 def diffuser_loss(net: GaussianDiffusion, x0: torch.Tensor, value: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -204,11 +220,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
     windows = build_windows(cfg)
     D, A = windows.transition_dim, windows.act_dim
     torch.manual_seed(cfg.seed)
+    net, _ = build_network(kind, asdict(cfg), D, A)
     if kind == "diffuser":
-        net = build_diffusion(cfg, D, A)
         loss_fn = diffuser_loss
     else:
-        net = build_value(cfg, D)
         net.value_shift.fill_(windows.values.mean())
         net.value_scale.fill_(windows.values.std().clamp_min(1e-6))
         schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.schedule).to(device)
@@ -253,7 +268,6 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
                 "step": step,
                 "wall_time": wall,
                 "log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
-                "command": train_command(cfg, run_dir.name),
             },
         )
         _write_log(run_dir / "loss.csv", log)
@@ -273,9 +287,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
             noise = torch.randn(B, H, D, generator=gen)
             batch = windows.batch(idx)
             loss = loss_fn(net, batch.trajectory.to(device), batch.value.to(device), t.to(device), noise.to(device))
-            if not torch.isfinite(loss):
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"The {kind} loss became {loss.item()} at step {step + 1}; nothing after the last checkpoint "
+                    f"The {kind} loss became {loss_value} at step {step + 1}; nothing after the last checkpoint "
                     f"(step {step - step % cfg.checkpoint_every}) was saved. Lower --lr or --grad-clip and rerun."
                 )
             opt.zero_grad(set_to_none=True)
@@ -285,7 +300,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
             step += 1
             _update_ema(ema, net, step, cfg)
 
-            running, n_running = running + loss.item(), n_running + 1
+            running, n_running = running + loss_value, n_running + 1
             if step % cfg.log_every == 0:
                 wall = time.perf_counter() - t0
                 log.append([step, running / n_running, wall])
@@ -344,10 +359,5 @@ def train_command(cfg: TrainConfig, run_dir: str | os.PathLike = "RUN") -> str:
     default = type(cfg)()
     opts = [f"--{f.name.replace('_', '-')} {shlex.quote(str(getattr(cfg, f.name)))}" for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
     return " ".join([f"python -m diffusion_rl train-{config_kind(cfg)} --run-dir {shlex.quote(str(run_dir))}", *opts])
-
-
-def config_from_args(cls: type[TrainConfig], args) -> TrainConfig:
-    """Build a config from an argparse namespace whose names match its fields."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
 
 

@@ -285,8 +285,8 @@ def test_shipped_planner_walks_when_it_replans_every_step():
 def test_the_recorded_train_command_rebuilds_the_config():
     import shlex
 
-    from diffusion_rl.cli import build_parser
-    from diffusion_rl.training import config_from_args, train_command
+    from diffusion_rl.cli import build_parser, config_from_args
+    from diffusion_rl.training import train_command
 
     for cfg in (TINY_D, replace(TINY_D, predict_epsilon=True, clip_denoised=1.0), TINY_V):
         args = build_parser().parse_args(shlex.split(train_command(cfg, "r"))[3:])
