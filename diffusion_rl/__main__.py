@@ -4,4 +4,5 @@ import sys
 
 from diffusion_rl.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the sweep's worker processes import this module without running it
+    sys.exit(main())

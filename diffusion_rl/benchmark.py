@@ -4,6 +4,8 @@ Reference figures (measured on the project's 2-core machine with a Diffuser-styl
 temporal U-Net, see ``REFERENCE`` below): 16.5 train steps/s at batch 32 and 10.7 at batch 64; a
 20-step unguided plan for 10 states in 0.2 s, 0.7 s with 2 guide steps. A ratio above 1 is faster.
 Speed does not depend on the weights, so random weights and random windows are used: no dataset needed.
+The sweep timing runs the study's protocol (8 settings x 10 episodes x up to 1000 steps) with the
+shipped planner, because how long episodes last (falls end them early) depends on the weights.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ REFERENCE = {
     "train_steps_per_s_b64": 10.7,
     "plan_s_b10": 0.2,
     "plan_guided2_s_b10": 0.7,
+    "study_sweep_s": 3 * 3600 + 35 * 60,
 }
+"""``study_sweep_s``: the study's 8 settings x 10 episodes took 3 h 35 min; the target here is 5 minutes."""
 
 ACT, OBS = 6, 17
 
@@ -76,6 +80,21 @@ def plan_time(batch_size: int, threads: int, guidance_scale: float | None = None
         return (time.perf_counter() - t0) / reps
 
 
+def sweep_time(quick: bool = False, workers: int = 2) -> tuple[float, int]:
+    """Wall seconds and env steps of the study's sweep protocol with the shipped planner (rollouts only)."""
+    import tempfile
+    from dataclasses import replace
+
+    from diffusion_rl.sweep import PRESETS, SweepConfig, run_episodes
+
+    cfg = replace(SweepConfig(**PRESETS["study"]), workers=workers)
+    if quick:
+        cfg = replace(cfg, windows="2,8", episodes=2, max_steps=200)
+    with tempfile.TemporaryDirectory() as tmp:
+        record = run_episodes(cfg, tmp, progress=False)
+    return record["rollout_wall_s"], record["env_steps"]
+
+
 def run_benchmark(quick: bool = False) -> dict:
     """Measure and print everything; returns the numbers."""
     n = 15 if quick else 60
@@ -98,6 +117,10 @@ def run_benchmark(quick: bool = False) -> dict:
     dt = time.perf_counter() - t0
     steps = sum(r.length for r in results)
     rows.append(("closed loop k=1, 10 episodes (random weights)", steps / dt, "env steps/s", float("nan")))
+    wall, steps = sweep_time(quick)
+    what = "reduced study sweep (2 settings x 2 ep. x 200 steps)" if quick else "study sweep (8 settings x 10 ep. x 1000 steps)"
+    rows.append((f"{what}, wall", wall, "s (target 300)", REFERENCE["study_sweep_s"] / wall if not quick else float("nan")))
+    rows.append((f"{what}, env steps/s", steps / wall, f"{steps} env steps", float("nan")))
 
     width = max(len(r[0]) for r in rows)
     print(f"{'measure'.ljust(width)}  {'value':>9}  {'unit':<18} {'vs reference':>12}")

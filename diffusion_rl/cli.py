@@ -144,6 +144,24 @@ def cmd_export_planner(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from diffusion_rl.sweep import PRESETS, SweepConfig, run_sweep
+
+    cfg = replace(SweepConfig(**PRESETS[args.preset]), **{k: v for k, v in vars(config_from_args(SweepConfig, args)).items()
+                                                           if getattr(args, k, None) is not None})
+    summary = run_sweep(cfg, args.out, command=_command_line(), progress=not args.no_progress)
+    print(f"{'setting':<12} {'episodes':>8} {'return':>22} {'% of data':>10} {'falls':>6}")
+    for s in summary["settings"]:
+        lo, hi = s["return"]["ci95"]
+        print(f"{s['setting']:<12} {s['episodes']:>8} {s['return']['mean']:>8.1f} [{lo:6.0f}, {hi:6.0f}] {s['normalized']['mean']:>10.1f} {s['falls']:>6}")
+    for name, t in summary["trend"].items():
+        print(f"trend ({name}): Spearman rho {t['spearman_rho']:+.3f}, permutation p = {t['p_value']:.4f}, slope {t['slope']:+.2f} points per window")
+    print(f"results: {args.out}")
+    return 0
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from diffusion_rl.benchmark import run_benchmark
 
@@ -219,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per setting (default: 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export_planner)
+
+    from diffusion_rl.sweep import PRESETS, SweepConfig
+
+    p = sub.add_parser("sweep", help="the window-size experiment: closed-loop episodes per executed window, with statistics")
+    p.add_argument("--out", default="runs/window-sweep", help="results folder; rerun the same command to finish an interrupted sweep")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="full: every window unguided and guided, 30 episodes; study: the study's 8 settings x 10 episodes (default: full)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_dataclass_args(p, SweepConfig)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("benchmark", help="training and planning speed on this machine, as ratios to the reference figures")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")

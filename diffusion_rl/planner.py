@@ -9,7 +9,7 @@ replanning point every live episode gets a plan conditioned on its real state, e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -126,7 +126,6 @@ class Planner:
             raise ValueError("Guidance needs a value network; this planner was loaded without one.")
         return Guide(self.value, scale, self.n_guide_steps, self.t_stopgrad, self.scale_by_variance)
 
-    @torch.no_grad()
     def plan(
         self,
         observations: np.ndarray,
@@ -166,17 +165,20 @@ class Planner:
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, N, steps+1, H, D)
         noise = noise.flatten(0, 1).transpose(0, 1)  # (steps+1, B*N, H, D)
 
-        cond = self.obs_normalizer.normalize(torch.from_numpy(obs).to(self.device)).repeat_interleave(n_samples, 0)
-        rows, pad = len(cond), max(0, self.min_batch - len(cond))
-        if pad:  # see min_batch: padding rows make each row's result independent of its batch-mates
-            cond = torch.cat([cond, cond[:1].expand(pad, -1)])
-            noise = torch.cat([noise, noise.new_zeros(noise.shape[0], pad, *noise.shape[2:])], 1)
-        out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain)
-        x, values, chain = out.trajectories, out.values, out.chain
-        if values is None and self.value is not None:
-            values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
-        x, chain = x[:rows], (chain[:, :rows] if chain is not None else None)
-        values = values[:rows] if values is not None else None
+        # Unguided sampling needs no autograd at all; guided sampling turns it on only for dV/dx.
+        with torch.inference_mode() if guide is None else torch.no_grad():
+            cond = self.obs_normalizer.normalize(torch.from_numpy(obs).to(self.device)).repeat_interleave(n_samples, 0)
+            rows, pad = len(cond), max(0, self.min_batch - len(cond))
+            if pad:  # see min_batch: padding rows make each row's result independent of its batch-mates
+                cond = torch.cat([cond, cond[:1].expand(pad, -1)])
+                noise = torch.cat([noise, noise.new_zeros(noise.shape[0], pad, *noise.shape[2:])], 1)
+            out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain)
+            x, values, chain = out.trajectories, out.values, out.chain
+            if values is None and self.value is not None:
+                values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
+        # Plain tensors again (not inference tensors), so callers may differentiate through them.
+        x, chain = x[:rows].clone(), (chain[:, :rows].clone() if chain is not None else None)
+        values = values[:rows].clone() if values is not None else None
         if n_samples > 1:
             best = values.view(B, n_samples).argmax(1) + torch.arange(B, device=x.device) * n_samples
             x, values = x[best], values[best]
@@ -194,8 +196,9 @@ class Planner:
 
 @dataclass
 class EpisodeResult:
-    """One closed-loop episode. With ``record``: states (T+1, obs), actions (T, act), rewards (T,),
-    and the plans in force: ``plan_steps[j]`` is the step at which ``plans[j]`` (H, act+obs, env units) began."""
+    """One closed-loop episode. With ``record``: states (T+1, obs), the root x positions the
+    observations omit (T+1,), actions (T, act), rewards (T,), and the plans in force:
+    ``plans[j]`` (H, act+obs, env units) began at step ``plan_steps[j]``; its row r predicts step ``plan_steps[j] + r``."""
 
     seed: int
     window: int
@@ -205,17 +208,27 @@ class EpisodeResult:
     fell: bool = False
     diverged: bool = False
     states: np.ndarray | None = None
+    x: np.ndarray | None = None
     actions: np.ndarray | None = None
     rewards: np.ndarray | None = None
     plans: np.ndarray | None = None
     plan_steps: np.ndarray | None = None
 
 
+def _per_episode(value, n: int, name: str) -> list:
+    """A setting given once for all episodes, or one per episode."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise ValueError(f"Got {len(value)} values of {name} for {n} seeds; give one, or one per seed.")
+        return list(value)
+    return [value] * n
+
+
 def rollout(
     planner: Planner,
     seeds: Sequence[int],
-    window: int = 1,
-    guidance_scale: float | None = None,
+    window: int | Sequence[int] = 1,
+    guidance_scale: float | None | Sequence[float | None] = None,
     n_samples: int = 1,
     ddim_steps: int | None = None,
     max_steps: int = 1000,
@@ -223,23 +236,29 @@ def rollout(
     threads: int = 1,
     env_id: str = ENV_ID,
     progress: bool = False,
+    on_episode_end: Callable[[int, EpisodeResult], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[EpisodeResult]:
     """Run one closed-loop episode per reset seed, all at once; returns their results in seed order.
 
     At each replanning point every live episode samples a plan from its real state and executes its
-    first ``window`` actions. Episodes end on a fall (termination), at ``max_steps``, or if the
-    simulation produces a non-finite state (flagged ``diverged``).
+    first ``window`` actions. ``window`` and ``guidance_scale`` may differ per episode (one value per
+    seed), so a whole sweep shares each call to the denoiser. Episodes end on a fall (termination),
+    at ``max_steps``, or if the simulation produces a non-finite state (flagged ``diverged``);
+    ``on_episode_end(index, result)`` is called as each one ends, ``on_step(1)`` after every step.
     """
-    window = check_window(window, planner.horizon)
-    check_guidance_scale(guidance_scale)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("rollout needs at least one seed.")
+    windows = [check_window(w, planner.horizon) for w in _per_episode(window, len(seeds), "window")]
+    scales = [check_guidance_scale(g) for g in _per_episode(guidance_scale, len(seeds), "guidance_scale")]
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
     envs = [make_env(env_id, max_episode_steps=max_steps) for _ in seeds]
-    results = [EpisodeResult(seed=s, window=window, guidance_scale=guidance_scale) for s in seeds]
+    results = [EpisodeResult(seed=s, window=w, guidance_scale=g) for s, w, g in zip(seeds, windows, scales)]
     gens = [episode_generator(s) for s in seeds]
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
-    logs = [{"states": [o.copy()], "actions": [], "rewards": [], "plans": [], "plan_steps": []} for o in obs] if record else None
+    logs = [_Log(o, env) for o, env in zip(obs, envs)] if record else None
     live = list(range(len(seeds)))
     current = np.zeros((len(seeds), planner.horizon, planner.action_dim), np.float32)
     bar = _bar(progress, max_steps)
@@ -248,24 +267,24 @@ def rollout(
             for step in range(max_steps):
                 if not live:
                     break
-                if step % window == 0:
-                    plan = planner.plan(obs[live], guidance_scale, n_samples, [gens[i] for i in live], ddim_steps=ddim_steps)
-                    current[live] = plan.actions
+                replan = [i for i in live if step % windows[i] == 0]
+                # One denoiser call per guidance scale: every episode that replans now shares it.
+                for scale in dict.fromkeys(scales[i] for i in replan):
+                    rows = [i for i in replan if scales[i] == scale]
+                    plan = planner.plan(obs[rows], scale, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps)
+                    current[rows] = plan.actions
                     if record:
-                        for j, i in enumerate(live):
-                            logs[i]["plans"].append(np.concatenate([plan.actions[j], plan.observations[j]], 1))
-                            logs[i]["plan_steps"].append(step)
+                        for j, i in enumerate(rows):
+                            logs[i].plan(step, np.concatenate([plan.actions[j], plan.observations[j]], 1))
                 still = []
                 for i in live:
-                    action = np.clip(current[i, step % window], -1.0, 1.0)
+                    action = np.clip(current[i, step % windows[i]], -1.0, 1.0)
                     o, reward, terminated, truncated, _ = envs[i].step(action)
                     r = results[i]
                     r.total_return += float(reward)
                     r.length += 1
                     if record:
-                        logs[i]["states"].append(o)
-                        logs[i]["actions"].append(action)
-                        logs[i]["rewards"].append(reward)
+                        logs[i].step(o, envs[i], action, reward)
                     if not np.all(np.isfinite(o)):
                         r.diverged = True
                     elif terminated:
@@ -273,18 +292,43 @@ def rollout(
                     elif not truncated:
                         obs[i] = o
                         still.append(i)
+                        continue
+                    if record:
+                        logs[i].finish(r)
+                    if on_episode_end is not None:
+                        on_episode_end(i, r)
                 live = still
                 bar.update(1)
+                if on_step is not None:
+                    on_step(1)
     finally:
         bar.close()
         for env in envs:
             env.close()
-    if record:
-        for r, log in zip(results, logs):
-            r.states, r.actions = np.asarray(log["states"], np.float32), np.asarray(log["actions"], np.float32)
-            r.rewards = np.asarray(log["rewards"], np.float32)
-            r.plans, r.plan_steps = np.asarray(log["plans"], np.float32), np.asarray(log["plan_steps"])
     return results
+
+
+class _Log:
+    """What ``record`` keeps of one episode while it runs."""
+
+    def __init__(self, obs: np.ndarray, env):
+        self.states, self.x = [obs.copy()], [float(env.unwrapped.data.qpos[0])]
+        self.actions, self.rewards, self.plans, self.plan_steps = [], [], [], []
+
+    def plan(self, step: int, plan: np.ndarray) -> None:
+        self.plan_steps.append(step)
+        self.plans.append(plan)
+
+    def step(self, obs: np.ndarray, env, action: np.ndarray, reward: float) -> None:
+        self.states.append(obs)
+        self.x.append(float(env.unwrapped.data.qpos[0]))
+        self.actions.append(action)
+        self.rewards.append(reward)
+
+    def finish(self, r: EpisodeResult) -> None:
+        r.states, r.x = np.asarray(self.states, np.float32), np.asarray(self.x)
+        r.actions, r.rewards = np.asarray(self.actions, np.float32), np.asarray(self.rewards, np.float32)
+        r.plans, r.plan_steps = np.asarray(self.plans, np.float32), np.asarray(self.plan_steps)
 
 
 def _bar(progress: bool, total: int):

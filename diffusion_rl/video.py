@@ -28,9 +28,13 @@ __all__ = [
     "DEFAULT_HEIGHT",
     "DEFAULT_WIDTH",
     "ENV_DT",
+    "GHOST_RGBA",
+    "PLAN_END_RGBA",
     "RenderError",
     "check_gl",
+    "episode_frames",
     "integrate_x",
+    "plan_ghost_qpos",
     "qpos_from_observation",
     "render_states",
     "rollout_frames",
@@ -48,6 +52,11 @@ DEFAULT_EVERY = 2
 """Render every 2nd step: 500 frames for a full 1000-step episode."""
 DEFAULT_FPS = 30
 """With ``DEFAULT_EVERY`` this plays at 0.48x real time, slow enough to follow the gait."""
+
+GHOST_RGBA = (0.3, 0.6, 1.0, 0.35)
+"""Colour of a planned pose drawn over the real walker: light blue, translucent."""
+PLAN_END_RGBA = (0.3, 0.6, 1.0, 0.15)
+"""Fainter colour for the last pose of a plan, where the planner means to be at its horizon."""
 
 _TRIVIAL_MODEL = "<mujoco><worldbody><geom size='0.1'/></worldbody></mujoco>"
 
@@ -171,6 +180,8 @@ def render_states(
     width: int = DEFAULT_WIDTH,
     height: int = DEFAULT_HEIGHT,
     camera: str | int | None = None,
+    ghosts: np.ndarray | None = None,
+    ghost_rgba: tuple[float, ...] | np.ndarray = GHOST_RGBA,
 ) -> np.ndarray:
     """Render Walker2d poses qpos (T, 9) as uint8 frames (T, H, W, 3); camera None tracks the torso."""
     import mujoco
@@ -183,6 +194,11 @@ def render_states(
         raise ValueError(f"expected qpos with {model.nq} dims, got shape {qpos.shape}")
     # Velocities do not change the picture; they are accepted so a full state can be passed.
     qvel = np.zeros((len(qpos), model.nv)) if qvel is None else np.atleast_2d(qvel)
+    if ghosts is not None:
+        ghosts, ghost_rgba = _check_ghosts(ghosts, ghost_rgba, len(qpos), model.nq)
+        ghost_data = mujoco.MjData(model)
+        # Renderer.update_scene draws with a default MjvOption; the ghosts use the same one.
+        option, perturb = mujoco.MjvOption(), mujoco.MjvPerturb()
     torso = model.body("torso").id
     frames = np.empty((len(qpos), height, width, 3), dtype=np.uint8)
     for i, (q, v) in enumerate(zip(qpos, qvel, strict=True)):
@@ -191,8 +207,108 @@ def render_states(
         mujoco.mj_forward(model, data)
         cam = _tracking_camera(data.xpos[torso, 0]) if camera is None else camera
         renderer.update_scene(data, camera=cam)
+        if ghosts is not None:
+            _add_ghosts(renderer.scene, model, ghost_data, option, perturb, ghosts[i], ghost_rgba)
         renderer.render(out=frames[i])
     return frames
+
+
+def _check_ghosts(
+    ghosts: np.ndarray, ghost_rgba: tuple[float, ...] | np.ndarray, n_frames: int, nq: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ghost poses (T, G, nq) and colours (4,) or (G, 4); return both as arrays."""
+    ghosts = np.asarray(ghosts, dtype=np.float64)
+    if ghosts.ndim != 3 or ghosts.shape[0] != n_frames or ghosts.shape[2] != nq:
+        raise ValueError(f"expected ghosts of shape ({n_frames}, G, {nq}) for {n_frames} frames, got {ghosts.shape}")
+    rgba = np.asarray(ghost_rgba, dtype=np.float32)
+    if rgba.shape not in ((4,), (ghosts.shape[1], 4)):
+        raise ValueError(f"expected ghost_rgba of shape (4,) or ({ghosts.shape[1]}, 4), got {rgba.shape}")
+    return ghosts, np.broadcast_to(rgba, (ghosts.shape[1], 4))
+
+
+def _add_ghosts(scene, model, ghost_data, option, perturb, poses: np.ndarray, rgba: np.ndarray) -> None:
+    """Append one recoloured copy of the walker's bodies to scene per pose without NaNs."""
+    import mujoco
+
+    for pose, colour in zip(poses, rgba, strict=True):
+        if np.isnan(pose).any():
+            continue
+        ghost_data.qpos[:] = pose
+        mujoco.mj_forward(model, ghost_data)
+        start = scene.ngeom
+        # Only dynamic geoms: the floor belongs to the static world and is drawn once already.
+        mujoco.mjv_addGeoms(model, ghost_data, option, perturb, mujoco.mjtCatBit.mjCAT_DYNAMIC, scene)
+        if scene.ngeom >= scene.maxgeom:
+            # mjv_addGeoms silently stops at maxgeom; a half-drawn ghost would mislead.
+            raise ValueError(f"too many ghosts: the scene holds at most {scene.maxgeom} geoms")
+        for geom in scene.geoms[start : scene.ngeom]:
+            geom.rgba[:] = colour
+            # mjv_addGeoms decides transparency from the model's colour, before we recolour.
+            geom.transparent = colour[3] < 1.0
+
+
+def plan_ghost_qpos(plan_observations: np.ndarray, x0: float) -> np.ndarray:
+    """Poses qpos (H, 9) of one plan's observations (H, 17), x integrated from x0 at row 0."""
+    plan = np.asarray(plan_observations, dtype=np.float64)
+    if plan.ndim != 2 or plan.shape[1] != 17 or not len(plan):
+        raise ValueError(f"expected one plan of observations (H, 17), got shape {plan.shape}")
+    return qpos_from_observation(plan, integrate_x(plan, x0=float(x0)))
+
+
+def episode_frames(
+    states: np.ndarray,
+    x: np.ndarray,
+    plans: np.ndarray | None = None,
+    plan_steps: np.ndarray | None = None,
+    every: int = DEFAULT_EVERY,
+    width: int = DEFAULT_WIDTH,
+    height: int = DEFAULT_HEIGHT,
+    show_plan_end: bool = True,
+) -> np.ndarray:
+    """Frames of a recorded episode (states (T+1, 17), root x (T+1,)) with its plans as ghosts."""
+    states = np.asarray(states, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    if states.ndim != 2 or states.shape[1] != 17 or not len(states):
+        raise ValueError(f"expected states of shape (T+1, 17), got {states.shape}")
+    if x.shape != states.shape[:1]:
+        raise ValueError(f"expected x of shape ({len(states)},) to match states, got {x.shape}")
+    if int(every) != every or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every}")
+    last = len(states) - 1
+    # Always keep the last step so the end of the episode (a fall, say) is on screen.
+    steps = np.unique(np.append(np.arange(0, last + 1, int(every)), last))
+    qpos = qpos_from_observation(states[steps], x[steps])
+    if plans is None and plan_steps is None:
+        return render_states(qpos, width=width, height=height)
+    if plans is None or plan_steps is None:
+        raise ValueError("plans and plan_steps must be given together")
+    plans = np.asarray(plans, dtype=np.float64)
+    plan_steps = np.asarray(plan_steps)
+    if plans.ndim != 3 or plans.shape[2] != 17 or not plans.shape[0] or not plans.shape[1]:
+        raise ValueError(f"expected plans of shape (P, H, 17), got {plans.shape}")
+    if plan_steps.shape != plans.shape[:1] or not np.issubdtype(plan_steps.dtype, np.integer):
+        raise ValueError(
+            f"expected integer plan_steps of shape ({len(plans)},), got {plan_steps.dtype} {plan_steps.shape}"
+        )
+    if plan_steps[0] < 0 or plan_steps[-1] > last or np.any(np.diff(plan_steps) <= 0):
+        raise ValueError(f"plan_steps must increase strictly within [0, {last}], got {plan_steps}")
+    horizon = plans.shape[1]
+    ghosts = np.full((len(steps), 2 if show_plan_end else 1, qpos.shape[1]), np.nan)
+    # The plan in force at step t is the last one begun at or before t.
+    in_force = np.searchsorted(plan_steps, steps, side="right") - 1
+    for i, (t, j) in enumerate(zip(steps, in_force, strict=True)):
+        if j < 0:
+            continue  # no plan made yet
+        start = plan_steps[j]
+        # Anchored at the real x where the plan began, so the ghost drifts from the walker
+        # exactly as far as the plan's velocities disagree with what really happened.
+        planned = plan_ghost_qpos(plans[j], x[start])
+        if t - start < horizon:
+            ghosts[i, 0] = planned[t - start]
+        if show_plan_end:
+            ghosts[i, 1] = planned[-1]
+    rgba = np.array([GHOST_RGBA, PLAN_END_RGBA])[: ghosts.shape[1]]
+    return render_states(qpos, width=width, height=height, ghosts=ghosts, ghost_rgba=rgba)
 
 
 def rollout_frames(

@@ -198,3 +198,149 @@ def test_broken_egl_fails_rendering_only() -> None:
     assert "apt-get install libegl1 libgl1 libgles2 libegl-mesa0" in result.stdout
     assert "MUJOCO_GL=osmesa" in result.stdout
     assert "STEP OK (17,)" in result.stdout
+
+
+def _standing(x: float = 0.0) -> np.ndarray:
+    """Walker2d's upright reset pose (1, 9) at root x."""
+    qpos = np.zeros((1, 9))
+    qpos[0, :2] = (x, 1.25)  # rootz has ref 1.25: qpos 1.25 is the torso at its reset height
+    return qpos
+
+
+def test_ghosts_draw_translucent_walkers_only(gl: str) -> None:
+    real = _standing()
+    plain = video.render_states(real, width=64, height=48)
+    ahead = _standing(0.6)[:, None]  # (T=1, G=1, 9)
+    ahead[0, 0, 3] = -0.8  # bend a knee so the ghost is not a copy of the walker
+    ghosted = video.render_states(real, width=64, height=48, ghosts=ahead)
+    changed = np.abs(ghosted.astype(int) - plain.astype(int)).max(axis=-1) > 0
+    assert changed.sum() > 10
+    # Only the ghost walker is added: a second floor would repaint most of the frame.
+    assert changed.mean() < 0.1
+    # +x is to the right in the side view, and the ghost is blue: blue rises where it is drawn.
+    assert np.nonzero(changed[0])[1].mean() > _walker_column(plain[0]) + 3
+    diff = ghosted[changed].astype(int) - plain[changed].astype(int)
+    assert diff[:, 2].mean() > diff[:, 0].mean()
+    # Translucent: an opaque ghost of the same colour covers the floor behind it more.
+    opaque = video.render_states(real, width=64, height=48, ghosts=ahead, ghost_rgba=(*video.GHOST_RGBA[:3], 1.0))
+    assert not np.array_equal(opaque, ghosted)
+    # The cached renderer keeps no ghost geoms for the next call.
+    np.testing.assert_array_equal(video.render_states(real, width=64, height=48), plain)
+
+
+def test_nan_ghost_rows_draw_nothing(gl: str) -> None:
+    _, qpos, _ = _rollout(6)
+    plain = video.render_states(qpos, width=64, height=48)
+    ghosts = np.full((len(qpos), 2, 9), np.nan)
+    np.testing.assert_array_equal(video.render_states(qpos, width=64, height=48, ghosts=ghosts), plain)
+    # One real ghost among NaN rows draws exactly what that ghost alone draws.
+    ghosts[3, 1] = qpos[3]
+    ghosts[3, 1, 0] += 0.5  # half a metre ahead of the walker
+    both = video.render_states(qpos, width=64, height=48, ghosts=ghosts)
+    alone = video.render_states(qpos, width=64, height=48, ghosts=ghosts[:, 1:])
+    np.testing.assert_array_equal(both, alone)
+    assert not np.array_equal(both[3], plain[3])
+    np.testing.assert_array_equal(np.delete(both, 3, axis=0), np.delete(plain, 3, axis=0))
+
+
+def test_render_states_rejects_bad_ghosts(gl: str) -> None:
+    qpos = np.repeat(_standing(), 3, axis=0)
+    with pytest.raises(ValueError, match="ghosts"):
+        video.render_states(qpos, width=32, height=32, ghosts=np.zeros((2, 1, 9)))  # 2 frames, not 3
+    with pytest.raises(ValueError, match="ghosts"):
+        video.render_states(qpos, width=32, height=32, ghosts=np.zeros((3, 9)))  # no ghost axis
+    with pytest.raises(ValueError, match="ghost_rgba"):
+        video.render_states(qpos, width=32, height=32, ghosts=np.zeros((3, 2, 9)), ghost_rgba=np.ones((3, 4)))
+
+
+def test_plan_ghost_qpos_integrates_planned_velocity() -> None:
+    rng = np.random.default_rng(0)
+    plan = rng.normal(size=(6, 17))
+    plan[:, 8] = 1.5  # constant planned forward velocity
+    qpos = video.plan_ghost_qpos(plan, x0=2.0)
+    assert qpos.shape == (6, 9)
+    np.testing.assert_allclose(qpos[:, 0], 2.0 + 1.5 * video.ENV_DT * np.arange(6))
+    np.testing.assert_array_equal(qpos[:, 1:], plan[:, :8])
+    with pytest.raises(ValueError, match="17"):
+        video.plan_ghost_qpos(plan[None], x0=0.0)
+    with pytest.raises(ValueError, match="17"):
+        video.plan_ghost_qpos(plan[:, :11], x0=0.0)
+
+
+def test_episode_frames_samples_steps_and_last(gl: str) -> None:
+    obs, qpos, _ = _rollout(10)
+    x = qpos[:, 0]
+    frames = video.episode_frames(obs, x, every=2, width=64, height=48)
+    assert frames.shape == (6, 48, 64, 3)  # steps 0, 2, 4, 6, 8, 10
+    np.testing.assert_array_equal(frames, video.render_states(qpos[::2], width=64, height=48))
+    # T = 9: the last step is not a multiple of `every` but is still shown.
+    frames = video.episode_frames(obs[:10], x[:10], every=2, width=64, height=48)
+    expected = video.render_states(qpos[[0, 2, 4, 6, 8, 9]], width=64, height=48)
+    np.testing.assert_array_equal(frames, expected)
+
+
+def test_episode_frames_draws_plan_in_force(gl: str) -> None:
+    obs, qpos, _ = _rollout(10)
+    x = qpos[:, 0]
+    plain = video.episode_frames(obs, x, every=2, width=64, height=48)
+    # Two plans that predict reality exactly, begun at steps 0 and 6, each 3 rows long: rows
+    # cover steps 0-2 and 6-8, so frames at steps 4 and 10 have no current-step ghost.
+    plans = np.stack([obs[0:3], obs[6:9]])
+    frames = video.episode_frames(obs, x, plans, np.array([0, 6]), every=2, width=64, height=48, show_plan_end=False)
+    differs = [not np.array_equal(f, p) for f, p in zip(frames, plain, strict=True)]
+    assert differs == [True, True, False, True, True, False]
+    # Exactly: frame k shows plan j's row (step - start), x integrated from the real x at start.
+    first, second = video.plan_ghost_qpos(plans[0], x[0]), video.plan_ghost_qpos(plans[1], x[6])
+    ghosts = np.full((6, 2, 9), np.nan)
+    ghosts[[0, 1, 3, 4], 0] = first[0], first[2], second[0], second[2]
+    ghosts[:3, 1], ghosts[3:, 1] = first[-1], second[-1]
+    expected = video.render_states(qpos[::2], width=64, height=48, ghosts=ghosts[:, :1])
+    np.testing.assert_array_equal(frames, expected)
+    # A perfect plan's ghost lies on the walker: it only tints the walker's own pixels.
+    near = _near_walker(qpos[::2], width=64, height=48)
+    for k in (0, 1, 3, 4):
+        changed = np.abs(frames[k].astype(int) - plain[k].astype(int)).max(axis=-1) > 0
+        assert changed.any() and not (changed & ~near[k]).any()
+    # The plan's last row is drawn too when asked, also after its horizon has passed.
+    with_end = video.episode_frames(obs, x, plans, np.array([0, 6]), every=2, width=64, height=48)
+    expected = video.render_states(
+        qpos[::2], width=64, height=48, ghosts=ghosts, ghost_rgba=np.array([video.GHOST_RGBA, video.PLAN_END_RGBA])
+    )
+    np.testing.assert_array_equal(with_end, expected)
+    assert not np.array_equal(with_end[2], plain[2]) and not np.array_equal(with_end[5], plain[5])
+
+
+def _near_walker(qpos: np.ndarray, width: int, height: int, margin: int = 1) -> np.ndarray:
+    """Masks (T, height, width) of the pixels the walker covers in each pose, grown by margin."""
+    # The same view with the walker sunk under the floor differs exactly where it is drawn.
+    hidden = qpos.copy()
+    hidden[:, 1] -= 10.0
+    drawn = video.render_states(qpos, width=width, height=height)
+    empty = video.render_states(hidden, width=width, height=height)
+    mask = (drawn != empty).any(axis=-1)
+    grown = mask.copy()
+    for dy in range(-margin, margin + 1):
+        for dx in range(-margin, margin + 1):
+            grown |= np.roll(mask, (dy, dx), axis=(1, 2))
+    return grown
+
+
+def test_episode_frames_rejects_bad_shapes() -> None:
+    states, x = np.zeros((11, 17)), np.zeros(11)
+    plans, steps = np.zeros((2, 4, 17)), np.array([0, 5])
+    with pytest.raises(ValueError, match="states"):
+        video.episode_frames(states[:, :9], x)
+    with pytest.raises(ValueError, match="x of shape"):
+        video.episode_frames(states, x[:10])
+    with pytest.raises(ValueError, match="together"):
+        video.episode_frames(states, x, plans)
+    with pytest.raises(ValueError, match="plans of shape"):
+        video.episode_frames(states, x, plans[..., :9], steps)
+    with pytest.raises(ValueError, match="plan_steps"):
+        video.episode_frames(states, x, plans, steps[:1])
+    with pytest.raises(ValueError, match="plan_steps"):
+        video.episode_frames(states, x, plans, np.array([5, 0]))  # not increasing
+    with pytest.raises(ValueError, match="plan_steps"):
+        video.episode_frames(states, x, plans, np.array([0, 11]))  # past the last step
+    with pytest.raises(ValueError, match="every"):
+        video.episode_frames(states, x, every=0)

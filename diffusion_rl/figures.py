@@ -1,0 +1,196 @@
+"""Figures and tables of the window-size experiment, drawn from a sweep's result files.
+
+Each function takes :class:`~diffusion_rl.sweep.SweepResults` (``sweep.load_results()``) and
+returns a matplotlib figure or a table, so the book shows exactly what the library computed.
+Every mean carries its 95% bootstrap interval; every fall rate its Wilson interval.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from diffusion_rl.sweep import SweepResults
+
+__all__ = ["plot_drift", "plot_episode_scatter", "plot_shift", "plot_window_scores", "window_table", "window_table_html"]
+
+UNGUIDED, GUIDED, STUDY = "#1f77b4", "#d62728", "#7f7f7f"
+
+
+def _settings(res: SweepResults, guided: bool) -> list[dict]:
+    return sorted((s for s in res.summary["settings"] if s["guided"] == guided), key=lambda s: s["window"])
+
+
+def _errorbar(ax, rows: list[dict], key: str, color: str, label: str, offset: float = 0.0, scale: float = 1.0) -> None:
+    """Means with asymmetric 95% interval bars against the window."""
+    if not rows:
+        return
+    k = np.array([r["window"] for r in rows], float) + offset
+    mean = np.array([r[key]["mean"] for r in rows]) * scale
+    lo = np.array([r[key]["ci95"][0] for r in rows]) * scale
+    hi = np.array([r[key]["ci95"][1] for r in rows]) * scale
+    ax.errorbar(k, mean, yerr=[mean - lo, hi - mean], fmt="o-", color=color, label=label, capsize=3, ms=5, lw=1.5)
+
+
+def window_table(res: SweepResults) -> list[dict]:
+    """The study's Fig. 1 as rows: per setting the raw return, every normalization and the fall rate, with intervals."""
+    study = res.summary["study"]
+    study_by = {(k, g): (n, v) for k, g, n, v in zip(study["executed_actions"], study["guided"], study["normalized"], study["value_rate"])}
+    rows = []
+    for s in _settings(res, False) + _settings(res, True):
+        n, v = study_by.get((s["window"], s["guided"]), (None, None))
+        rows.append({
+            "setting": s["setting"], "executed window k": s["window"], "study's window": s["window"] - 1 if s["window"] > 1 else None,
+            "guided": s["guided"], "episodes": s["episodes"],
+            "return": s["return"], "normalized": s["normalized"], "value rate": s["value_rate"],
+            "D4RL-style (our refs)": s.get("d4rl_normalized"), "D4RL-style (D4RL refs)": s["d4rl_normalized_d4rl_refs"],
+            "falls": s["falls"], "fall rate": s["fall_rate"], "study normalized": n, "study value rate": v,
+        })
+    return rows
+
+
+def window_table_html(res: SweepResults) -> str:
+    """:func:`window_table` as an HTML table (mean and [95% interval] in each cell), for the book."""
+    def cell(x, digits: int = 1) -> str:
+        if x is None:
+            return "&ndash;"
+        if isinstance(x, dict):
+            lo, hi = x["ci95"]
+            return f"{x['mean']:.{digits}f}<br><small>[{lo:.{digits}f}, {hi:.{digits}f}]</small>"
+        if isinstance(x, bool):
+            return "yes" if x else "no"
+        return f"{x:.{digits}f}" if isinstance(x, float) else html.escape(str(x))
+
+    rows = window_table(res)
+    digits = {"value rate": 3, "study value rate": 3, "fall rate": 2, "return": 0}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0] if h != "setting")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(v, digits.get(h, 1))}</td>" for h, v in r.items() if h != "setting") + "</tr>" for r in rows
+    )
+    return f'<table class="window-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def plot_window_scores(res: SweepResults):
+    """Fig. 1 of the study, with intervals: normalized score (and raw return), value rate and fall rate against k."""
+    import matplotlib.pyplot as plt
+
+    ref = res.summary["references"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    unguided, guided = _settings(res, False), _settings(res, True)
+    study = res.summary["study"]
+    ks = np.array(study["executed_actions"])
+    is_guided = np.array(study["guided"])
+
+    ax = axes[0]
+    _errorbar(ax, unguided, "normalized", UNGUIDED, "unguided")
+    _errorbar(ax, guided, "normalized", GUIDED, f"guided (scale {guided[0]['guidance_scale']:g})" if guided else "", offset=0.12)
+    ax.plot(ks[~is_guided], np.array(study["normalized"])[~is_guided], "s--", color=STUDY, mfc="none", label="study (10 ep., no bars)")
+    ax.plot(ks[is_guided], np.array(study["normalized"])[is_guided], "D", color=STUDY, mfc="none", label="study, guided")
+    ax.set(xlabel="executed window k (actions per plan)", ylabel="return / data mean x 100", title="Normalized score (95% CI)")
+    raw = ax.secondary_yaxis("right", functions=(lambda y: y * ref["data_mean_return"] / 100, lambda r: r * 100 / ref["data_mean_return"]))
+    raw.set_ylabel("return")
+    ax.legend(fontsize=7, loc="lower left")
+
+    ax = axes[1]
+    _errorbar(ax, unguided, "value_rate", UNGUIDED, "unguided")
+    _errorbar(ax, guided, "value_rate", GUIDED, "guided", offset=0.12)
+    ax.plot(ks[~is_guided], np.array(study["value_rate"])[~is_guided], "s--", color=STUDY, mfc="none", label="study")
+    ax.set(xlabel="executed window k", ylabel="reward per step / data's", title="Value rate (95% CI)")
+
+    ax = axes[2]
+    _errorbar(ax, unguided, "fall_rate", UNGUIDED, "unguided", scale=100)
+    _errorbar(ax, guided, "fall_rate", GUIDED, "guided", offset=0.12, scale=100)
+    ax.set(xlabel="executed window k", ylabel="% of episodes", title="Falls before step 1000 (Wilson 95% CI)", ylim=(-3, 103))
+    for ax in axes:
+        ax.set_xticks(range(1, res.summary["horizon"] + 1))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_episode_scatter(res: SweepResults, seed: int = 0):
+    """Fig. 2 of the study: every episode's return against its window; crosses fell, dots walked 1000 steps."""
+    import matplotlib.pyplot as plt
+
+    ref = res.summary["references"]
+    rng = np.random.default_rng(seed)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for guided, color, offset in ((False, UNGUIDED, -0.17), (True, GUIDED, 0.17)):
+        eps = [e for e in res.episodes if e["guided"] == guided]
+        if not eps:
+            continue
+        k = np.array([e["window"] for e in eps]) + offset + rng.uniform(-0.1, 0.1, len(eps))
+        ret = np.array([e["return"] for e in eps])
+        fell = np.array([e["fell"] for e in eps])
+        name = "guided" if guided else "unguided"
+        ax.scatter(k[~fell], ret[~fell], s=14, color=color, alpha=0.7, label=f"{name}, walked to the limit")
+        ax.scatter(k[fell], ret[fell], s=22, color=color, marker="x", alpha=0.9, label=f"{name}, fell")
+    ax.axhline(ref["data_mean_return"], color="k", lw=1, ls=":", label="data mean return")
+    ax.set(xlabel="executed window k (actions per plan)", ylabel="episode return",
+           title=f"Every episode ({res.summary['episodes_per_setting']} per setting)")
+    ax.set_xticks(range(1, res.summary["horizon"] + 1))
+    ax.secondary_yaxis("right", functions=(lambda r: r * 100 / ref["data_mean_return"], lambda y: y * ref["data_mean_return"] / 100)).set_ylabel("normalized")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_drift(res: SweepResults):
+    """Plan versus reality: drift by offset within the executed window, and at the window's end against k."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax = axes[0]
+    windows = sorted({r["window"] for r in res.drift if not r["guided"]})
+    cmap = plt.get_cmap("viridis")
+    for i, k in enumerate(windows):
+        rows = sorted((r for r in res.drift if r["window"] == k and not r["guided"]), key=lambda r: r["offset"])
+        r_ = np.array([r["offset"] for r in rows])
+        m = np.array([r["mean"] for r in rows], float)
+        color = cmap(i / max(1, len(windows) - 1))
+        ax.plot(r_, m, "o-", color=color, ms=3, label=f"k = {k}")
+        ax.fill_between(r_, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15)
+    ax.set(xlabel="steps since the plan was made (r)", ylabel="RMS error, data std units",
+           title="Real state vs the plan's prediction (unguided)")
+    ax.legend(fontsize=7, ncol=2)
+
+    ax = axes[1]
+    _errorbar(ax, _settings(res, False), "window_end_drift", UNGUIDED, "unguided")
+    _errorbar(ax, _settings(res, True), "window_end_drift", GUIDED, "guided", offset=0.12)
+    ax.set(xlabel="executed window k", ylabel="RMS error at r = min(k, H-1)", title="Drift at the end of the executed window")
+    ax.set_xticks(range(1, res.summary["horizon"] + 1))
+    ax.legend(fontsize=8)
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_shift(res: SweepResults):
+    """Leaving the data before a fall: distance to the nearest training state, and plan drift relative to steady walking."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric, title, ylabel in (
+        (axes[0], "nn_distance", "Distance from the nearest state in the data", "RMS distance, data std units"),
+        (axes[1], "plan_drift_ratio", "Drift of the plans made before a fall", "drift / same window's steady drift"),
+    ):
+        rows = sorted((r for r in res.shift if r["metric"] == metric and r["phase"] == "before_fall"), key=lambda r: r["steps_before_fall"])
+        if rows:
+            d = -np.array([r["steps_before_fall"] for r in rows])
+            ax.plot(d, [r["mean"] for r in rows], color=GUIDED, label=f"before a fall ({max(r['episodes'] for r in rows)} falls, 95% CI)")
+            ax.fill_between(d, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=GUIDED, alpha=0.2)
+        if metric == "nn_distance":
+            steady = {r["setting"]: r["mean"] for r in res.shift if r["metric"] == metric and r["phase"] == "steady" and r["mean"] is not None}
+            if steady:  # none when every episode fell too early to walk steadily
+                lo, hi = min(steady.values()), max(steady.values())
+                ax.axhspan(lo, hi, color=UNGUIDED, alpha=0.25, label=f"steady walking ({min(steady, key=steady.get)} to {max(steady, key=steady.get)})")
+        else:
+            ax.axhline(1.0, color=UNGUIDED, ls="--", label="steady walking")
+        ax.set(xlabel="steps relative to the fall", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

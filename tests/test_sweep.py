@@ -1,0 +1,209 @@
+"""The window sweep: a reduced sweep end to end, resume, worker-count invariance, statistics, figures."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+from diffusion_rl import analysis, figures, sweep
+from diffusion_rl.planner import rollout
+from diffusion_rl.training import DiffuserConfig, ValueConfig, train
+
+matplotlib.use("Agg")
+
+DATA = "walker2d/sweep-tiny-v0"
+COMMON = dict(dataset_id=DATA, horizon=4, dim=8, dim_mults="1,2", n_diffusion_steps=5, batch_size=8, log_every=10,
+              ema_start=20, ema_every=2, threads=1)
+RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory, tiny_policy):
+    from diffusion_rl.collect import make_dataset
+
+    root = tmp_path_factory.mktemp("minari")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root))
+        make_dataset(DATA, n_episodes=6, policy=tiny_policy, progress=False)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def minari_root(shared_root, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(shared_root))
+    return shared_root
+
+
+@pytest.fixture(scope="module")
+def cfg(shared_root, tmp_path_factory):
+    """The reduced sweep of the acceptance checks: 2 windows x 2 episodes x 50 steps (+ a guided row)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(shared_root))
+        d, v = tmp_path_factory.mktemp("d"), tmp_path_factory.mktemp("v")
+        train(DiffuserConfig(total_steps=80, checkpoint_every=80, **COMMON), d, progress=False)
+        train(ValueConfig(total_steps=40, checkpoint_every=40, **COMMON), v, progress=False)
+    return sweep.SweepConfig(windows="1,4", guided_windows="4", episodes=2, max_steps=50, workers=1, diffuser=str(d), value=str(v))
+
+
+@pytest.fixture(scope="module")
+def done(cfg, shared_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(shared_root))
+        sweep.run_sweep(cfg, out, command="test", progress=False)
+    return out
+
+
+def test_reduced_sweep_writes_every_result_file(done):
+    for name in RESULT_FILES:
+        assert (done / name).is_file(), name
+    res = sweep.load_results(done)
+    assert len(res.episodes) == 6
+    assert {(e["setting"], e["seed"]) for e in res.episodes} == {(s, seed) for s in ("k1", "k4", "k4-guided") for seed in (10000, 10001)}
+    for e in res.episodes:
+        assert 1 <= e["length"] <= 50
+        assert e["fell"] == (e["length"] < 50)  # the untrained planner falls: the fall analysis runs too
+        assert math.isclose(e["normalized"], 100 * e["return"] / res.summary["references"]["data_mean_return"], rel_tol=1e-4)
+    assert res.meta["runs"][-1]["episodes_run"] == 6
+
+
+def test_summary_has_intervals_falls_and_trend(done):
+    res = sweep.load_results(done)
+    for s in res.summary["settings"]:
+        for key in ("return", "normalized", "value_rate", "d4rl_normalized_d4rl_refs"):
+            lo, hi = s[key]["ci95"]
+            assert lo <= s[key]["mean"] <= hi, (s["setting"], key)
+        lo, hi = s["fall_rate"]["ci95"]
+        assert 0 <= lo <= s["fall_rate"]["mean"] <= hi <= 1
+        assert s["falls"] == sum(e["fell"] for e in res.episodes if e["setting"] == s["setting"])
+    ref = res.summary["references"]
+    e = res.episodes[0]
+    assert math.isclose(e["d4rl_normalized_d4rl_refs"], 100 * (e["return"] - 1.629008) / (4592.3 - 1.629008), abs_tol=1e-4)
+    assert ("d4rl_normalized" in e) == (ref["expert_return"] is not None)  # the tiny data has no expert reference
+    assert 0 < res.summary["trend"]["unguided"]["p_value"] <= 1
+    assert [g["window"] for g in res.summary["guided_minus_unguided"]] == [4]
+    assert {r["setting"] for r in res.drift} == {"k1", "k4", "k4-guided"}
+    assert max(r["offset"] for r in res.drift if r["setting"] == "k1") == 1  # only executed steps are compared
+    assert any(r["phase"] == "before_fall" for r in res.shift)
+
+
+def test_recorded_episode_replays_alone(cfg, done):
+    """An episode from the batched sweep gives the same return when run on its own."""
+    res = sweep.load_results(done)
+    row = next(e for e in res.episodes if e["setting"] == "k4-guided" and e["seed"] == 10001)
+    planner, _ = sweep.load_sweep_planner(cfg)
+    (alone,) = rollout(planner, [10001], window=4, guidance_scale=cfg.guidance_scale, max_steps=50)
+    assert round(alone.total_return, 3) == row["return"]
+    assert alone.length == row["length"]
+
+
+def test_resume_keeps_finished_episodes(cfg, done, tmp_path):
+    out = tmp_path / "resume"
+    sweep.run_sweep(cfg, out, progress=False)
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "episodes").iterdir()}
+    victim = out / "episodes" / "k4-s10000.npz"
+    victim.unlink()
+    (out / "summary.json").unlink()
+    sweep.run_sweep(cfg, out, progress=False)
+    assert sweep.load_results(out).meta["runs"][-1]["episodes_run"] == 1
+    for p in (out / "episodes").iterdir():
+        if p.name != victim.name:
+            assert p.stat().st_mtime_ns == first[p.name], p.name  # untouched
+    for name in ("episodes.csv", "summary.json", "drift.csv", "shift.csv"):
+        assert (out / name).read_bytes() == (done / name).read_bytes(), name  # identical results
+
+
+def test_worker_count_does_not_change_results(cfg, done, tmp_path):
+    from dataclasses import replace
+
+    out = tmp_path / "two"
+    sweep.run_sweep(replace(cfg, workers=2), out, progress=False)
+    for name in ("episodes.csv", "summary.json", "drift.csv", "shift.csv"):
+        assert (out / name).read_bytes() == (done / name).read_bytes(), name
+
+
+def test_sweep_refuses_mixing_and_bad_windows(cfg, done):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="other settings"):
+        sweep.run_sweep(replace(cfg, episodes=3), done, progress=False)
+    with pytest.raises(ValueError, match=r"1\.\.4"):
+        sweep.run_sweep(replace(cfg, windows="1,5"), done / "x", progress=False)
+    assert sweep.parse_windows("2-4,1", 4) == [1, 2, 3, 4]
+    assert sweep.parse_windows("none", 4) == []
+    with pytest.raises(ValueError, match="all"):
+        sweep.parse_windows("one", 4)
+    with pytest.raises(FileNotFoundError, match="sweep --out"):
+        sweep.load_results(done / "missing")
+
+
+def test_figures_and_table_draw(done):
+    import matplotlib.pyplot as plt
+
+    res = sweep.load_results(done)
+    for make in (figures.plot_window_scores, figures.plot_episode_scatter, figures.plot_drift, figures.plot_shift):
+        fig = make(res)
+        assert fig.axes
+        plt.close(fig)
+    rows = figures.window_table(res)
+    assert [r["setting"] for r in rows] == ["k1", "k4", "k4-guided"]
+    assert rows[1]["study's window"] == 3
+    assert figures.window_table_html(res).count("<tr>") == 4
+
+
+def test_cli_sweep_prints_the_table(cfg, tmp_path, capsys):
+    from diffusion_rl.cli import main
+
+    rc = main(["sweep", "--out", str(tmp_path / "cli"), "--diffuser", cfg.diffuser, "--value", cfg.value, "--windows", "2",
+               "--guided-windows", "none", "--episodes", "2", "--max-steps", "20", "--workers", "1", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "k2" in out and "% of data" in out
+    assert main(["sweep", "--out", str(tmp_path / "bad"), "--diffuser", cfg.diffuser, "--windows", "0", "--no-progress"]) == 2
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_bootstrap_and_wilson_intervals():
+    rng = np.random.default_rng(1)
+    x = rng.normal(10, 2, 400)
+    lo, hi = analysis.bootstrap_ci(x)
+    assert lo < x.mean() < hi and hi - lo < 0.5  # about 2 * 1.96 * 2 / 20 = 0.39
+    lo30, hi30 = analysis.bootstrap_ci(x[:30])
+    assert hi30 - lo30 > hi - lo
+    lo, hi = analysis.wilson_ci(0, 10)
+    assert math.isclose(lo, 0, abs_tol=1e-12) and math.isclose(hi, 0.2775, abs_tol=1e-3)
+    lo, hi = analysis.wilson_ci(5, 10)
+    assert math.isclose(lo, 0.2366, abs_tol=1e-3) and math.isclose(hi, 0.7634, abs_tol=1e-3)
+
+
+def test_trend_test_finds_a_trend_and_not_noise():
+    rng = np.random.default_rng(0)
+    k = np.repeat(np.arange(1, 9), 30)
+    falling = analysis.trend_test(k, 100 - 3 * k + rng.normal(0, 5, k.size))
+    assert falling["spearman_rho"] < -0.5 and falling["p_value"] < 0.001
+    assert falling["slope_ci95"][0] < -3 < falling["slope_ci95"][1]
+    noise = analysis.trend_test(k, rng.normal(0, 5, k.size))
+    assert noise["p_value"] > 0.01
+    assert math.isclose(analysis.spearman_rho([1, 2, 3, 4], [10, 20, 30, 40]), 1.0)
+    assert math.isclose(analysis.spearman_rho([1, 2, 3, 4], [4, 3, 3, 1]), -0.9486833, abs_tol=1e-6)
+
+
+def test_plan_drift_and_nearest_data_distance():
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(11, 3))
+    plans = np.stack([states[p : p + 4] for p in (0, 4, 8) if p + 4 <= 11] + [np.vstack([states[8:11], states[10:11]])])
+    drift = analysis.plan_drift(states, plans, np.array([0, 4, 8]), window=4, scale=np.ones(3))
+    assert drift.shape == (3, 3)
+    assert np.allclose(drift[:2], 0) and np.allclose(drift[2, :2], 0) and np.isnan(drift[2, 2])  # episode ended
+    off = analysis.plan_drift(states, plans + 0.5, np.array([0, 4, 8]), window=2, scale=np.full(3, 0.5))
+    assert np.allclose(off[:, :2], 1.0) and np.isnan(off[:, 2]).all()  # beyond the executed window: not compared
+    data = rng.normal(size=(500, 3))
+    query = np.vstack([data[:5], rng.normal(size=(20, 3)) * 3])
+    got = analysis.nearest_data_distance(query, data, np.ones(3), chunk=7)
+    brute = np.sqrt(((query[:, None] - data[None]) ** 2).sum(-1).min(1) / 3)
+    assert np.allclose(got[:5], 0, atol=1e-3) and np.allclose(got, brute, atol=1e-3)  # float32: about 1e-3
