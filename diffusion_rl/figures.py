@@ -68,7 +68,9 @@ def window_table_html(res: SweepResults) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{cell(v, digits.get(h, 1))}</td>" for h, v in r.items() if h != "setting") + "</tr>" for r in rows
     )
-    return f'<table class="window-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    # Thirteen columns do not fit a book's text column: let the table scroll sideways instead of overflowing.
+    table = f'<table class="window-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div style="overflow-x: auto">{table}</div>'
 
 
 def plot_window_scores(res: SweepResults):

@@ -30,3 +30,8 @@ def test_book_builds_without_warnings(tmp_path):
     figures = re.findall(r'<img[^>]+src="\.\./_images/([^"]+\.png)"', data_page)
     assert len(figures) >= 2, "the chapter's figures are missing (a non-inline matplotlib backend?)"
     assert all((html / "_images" / name).is_file() for name in figures)
+
+    sweep_page = (html / "book" / "08_distribution_shift.html").read_text()
+    assert len(re.findall(r"<video[^>]*>\s*<source src=\"data:video/mp4;base64,", sweep_page)) == 2, "the best-setting and fall videos"
+    assert len(re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', sweep_page)) >= 4, "the sweep's figures are missing"
+    assert "window-table" in sweep_page, "the window table is missing"
