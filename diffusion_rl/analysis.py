@@ -80,7 +80,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x), np.float64)
     ranks[order] = np.arange(1, len(x) + 1)
-    values, inverse = np.unique(x, return_inverse=True)
+    _, inverse = np.unique(x, return_inverse=True)
     sums = np.bincount(inverse, ranks)
     counts = np.bincount(inverse)
     return (sums / counts)[inverse]

@@ -434,8 +434,11 @@ def _round(x: float, nd: int = 5) -> float:
 
 
 def _flat(mc: dict) -> dict:
+    """A mean and its interval as three CSV columns."""
+    def r(v: float | None) -> float | str:
+        return round(v, 5) if v is not None else ""
+
     lo, hi = mc["ci95"]
-    r = lambda v: round(v, 5) if v is not None else ""  # noqa: E731
     return {"mean": r(mc["mean"]), "ci_low": r(lo), "ci_high": r(hi)}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -31,3 +33,26 @@ def tiny_policy():
         return actor.act(obs, noise=noise)
 
     return policy
+
+
+def tiny_dataset(tmp_path_factory, policy, dataset_id: str) -> Path:
+    """A 6-episode dataset of ``policy`` (short episodes that fall) in its own Minari folder, for module fixtures."""
+    from diffusion_rl.collect import make_dataset
+
+    root = tmp_path_factory.mktemp("minari")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root))
+        make_dataset(dataset_id, n_episodes=6, policy=policy, progress=False)
+    return root
+
+
+def tiny_runs(root: Path, tmp_path_factory, diffuser_cfg, value_cfg) -> tuple[Path, Path]:
+    """Train a tiny denoiser and value net on the dataset under ``root``; returns their run folders."""
+    from diffusion_rl.training import train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root))
+        d, v = tmp_path_factory.mktemp("d"), tmp_path_factory.mktemp("v")
+        train(diffuser_cfg, d, progress=False)
+        train(value_cfg, v, progress=False)
+    return d, v

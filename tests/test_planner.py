@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_dataset, tiny_runs
 
 from diffusion_rl import pretrained
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
@@ -31,13 +32,7 @@ CLI_ARGS = ["--dataset-id", DATA, "--horizon", "4", "--dim", "8", "--dim-mults",
 @pytest.fixture(scope="module")
 def shared_root(tmp_path_factory, tiny_policy):
     """One tiny dataset for the whole module (an untrained policy: short episodes that fall)."""
-    from diffusion_rl.collect import make_dataset
-
-    root = tmp_path_factory.mktemp("minari")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(root))
-        make_dataset(DATA, n_episodes=6, policy=tiny_policy, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, tiny_policy, DATA)
 
 
 @pytest.fixture(autouse=True)
@@ -48,12 +43,7 @@ def minari_root(shared_root, monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(shared_root, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(shared_root))
-        d, v = tmp_path_factory.mktemp("d"), tmp_path_factory.mktemp("v")
-        train(TINY_D, d, progress=False)
-        train(TINY_V, v, progress=False)
-    return d, v
+    return tiny_runs(shared_root, tmp_path_factory, TINY_D, TINY_V)
 
 
 def cli(*args: str) -> list[str]:

@@ -8,28 +8,23 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
+from conftest import tiny_dataset, tiny_runs
 
 from diffusion_rl import analysis, figures, sweep
 from diffusion_rl.planner import rollout
-from diffusion_rl.training import DiffuserConfig, ValueConfig, train
+from diffusion_rl.training import DiffuserConfig, ValueConfig
 
 matplotlib.use("Agg")
 
 DATA = "walker2d/sweep-tiny-v0"
-COMMON = dict(dataset_id=DATA, horizon=4, dim=8, dim_mults="1,2", n_diffusion_steps=5, batch_size=8, log_every=10,
-              ema_start=20, ema_every=2, threads=1)
+COMMON = {"dataset_id": DATA, "horizon": 4, "dim": 8, "dim_mults": "1,2", "n_diffusion_steps": 5, "batch_size": 8,
+          "log_every": 10, "ema_start": 20, "ema_every": 2, "threads": 1}
 RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
 
 
 @pytest.fixture(scope="module")
 def shared_root(tmp_path_factory, tiny_policy):
-    from diffusion_rl.collect import make_dataset
-
-    root = tmp_path_factory.mktemp("minari")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(root))
-        make_dataset(DATA, n_episodes=6, policy=tiny_policy, progress=False)
-    return root
+    return tiny_dataset(tmp_path_factory, tiny_policy, DATA)
 
 
 @pytest.fixture(autouse=True)
@@ -41,11 +36,8 @@ def minari_root(shared_root, monkeypatch):
 @pytest.fixture(scope="module")
 def cfg(shared_root, tmp_path_factory):
     """The reduced sweep of the acceptance checks: 2 windows x 2 episodes x 50 steps (+ a guided row)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(shared_root))
-        d, v = tmp_path_factory.mktemp("d"), tmp_path_factory.mktemp("v")
-        train(DiffuserConfig(total_steps=80, checkpoint_every=80, **COMMON), d, progress=False)
-        train(ValueConfig(total_steps=40, checkpoint_every=40, **COMMON), v, progress=False)
+    d, v = tiny_runs(shared_root, tmp_path_factory, DiffuserConfig(total_steps=80, checkpoint_every=80, **COMMON),
+                     ValueConfig(total_steps=40, checkpoint_every=40, **COMMON))
     return sweep.SweepConfig(windows="1,4", guided_windows="4", episodes=2, max_steps=50, workers=1, diffuser=str(d), value=str(v))
 
 
