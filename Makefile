@@ -1,11 +1,14 @@
 # Two commands: `make book` builds the rendered book into _build/html; `make test` runs every test.
-# Each sets up its own virtual environment (.venv) on first use.
+# Each sets up its own virtual environment (.venv) on first use; `make test` also installs
+# Debian's chromium and chromium-driver for the browser test if chromedriver is missing.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export MUJOCO_GL ?= egl
 
-.PHONY: book test setup clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: book test setup browser clean
 
 setup: $(VENV)/.installed
 
@@ -19,7 +22,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 book: $(VENV)/.installed
 	$(BIN)/jupyter-book build . -W --keep-going
 
-test: $(VENV)/.installed
+browser:
+	@command -v chromedriver >/dev/null || { echo "installing chromium and chromium-driver for the browser test"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest tests book --nbval-lax -p no:cacheprovider
 
 clean:

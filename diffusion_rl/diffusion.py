@@ -32,6 +32,8 @@ __all__ = [
     "NoiseSchedule",
     "Sample",
     "condition",
+    "denoising_error",
+    "forward_chain",
     "make_betas",
 ]
 
@@ -300,3 +302,31 @@ class GaussianDiffusion(nn.Module):
                 grad = grad * self.schedule.posterior_variance[t_int]
             x = condition(x + guide.scale * grad, state, self.action_dim)
         return x
+
+
+# ----------------------------------------------------------------------------- helpers for the book
+
+
+def forward_chain(schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Run q(tau^t | tau^{t-1}) step by step with noise (T, *x0.shape); every level (T + 1, *x0.shape), x0 first."""
+    if noise.shape != (schedule.n_timesteps, *x0.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(schedule.n_timesteps, *x0.shape)}.")
+    chain = [x0]
+    for beta, z in zip(schedule.betas, noise):
+        chain.append((1 - beta).sqrt() * chain[-1] + beta.sqrt() * z)
+    return torch.stack(chain)
+
+
+@torch.no_grad()
+def denoising_error(diffusion: GaussianDiffusion, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Squared error of predicted tau^0 per level from x0 (B, H, D) noised as in training; mean over B, (T, H, D)."""
+    T, B = diffusion.n_timesteps, x0.shape[0]
+    if noise.shape != (T, *x0.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(T, *x0.shape)}.")
+    state = x0[:, 0, diffusion.action_dim:]
+    errors = []
+    for t_int in range(T):
+        t = torch.full((B,), t_int, dtype=torch.long, device=x0.device)
+        x_t = condition(diffusion.schedule.q_sample(x0, t, noise[t_int]), state, diffusion.action_dim)
+        errors.append(((diffusion.predict_x0(x_t, t) - x0) ** 2).mean(0))
+    return torch.stack(errors)

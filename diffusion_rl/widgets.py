@@ -50,7 +50,8 @@ def slider_view(
 
     ``render`` returns a matplotlib figure, an HTML string (or an object with ``_repr_html_``,
     such as :func:`diffusion_rl.video.show_video`'s), or a widget. ``value`` picks the starting
-    position (default: the first). Returns a ``VBox`` to display.
+    position (default: the first). Returns a ``VBox`` (slider, stack) to display; its ``link`` is
+    the browser-side link between them.
     """
     import ipywidgets as widgets
 
@@ -72,5 +73,6 @@ def slider_view(
         continuous_update=True, style={"description_width": "initial"}, layout=widgets.Layout(width="480px"),
     )
     stack = widgets.Stack(views, selected_index=start)
-    widgets.jslink((slider, "index"), (stack, "selected_index"))
-    return widgets.VBox([slider, stack])
+    box = widgets.VBox([slider, stack])
+    box.link = widgets.jslink((slider, "index"), (stack, "selected_index"))
+    return box

@@ -1,37 +1,122 @@
-"""The README's book command works: the whole book builds with warnings as errors."""
+"""The book: it builds from the README's command with warnings as errors, and every page works in a browser.
+
+The browser is Debian's headless Chromium driven by Selenium through Debian's chromedriver; the
+pages are opened from disk, so anything a page would fetch from the network fails here. That is
+deliberate: the built book must work offline (MathJax and the widget manager are vendored).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = ["book/intro"] + [line.split("file:")[1].strip() for line in (ROOT / "_toc.yml").read_text().splitlines() if "file:" in line]
+VIDEO = r"<video[^>]*>\s*<source src=\"data:video/mp4;base64,"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+@pytest.fixture(scope="module")
+def html(tmp_path_factory) -> Path:
+    """The book, built once for this module exactly as `make book` builds it."""
+    out = tmp_path_factory.mktemp("book")
+    jb = shutil.which("jupyter-book") or str(Path(sys.executable).with_name("jupyter-book"))
+    t0 = time.perf_counter()
+    run = subprocess.run([jb, "build", str(ROOT), "--path-output", str(out), "-W", "--keep-going"],
+                         capture_output=True, text=True, timeout=1500, check=False)
+    print(f"book built in {time.perf_counter() - t0:.0f} s")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return out / "_build" / "html"
 
 
 @pytest.mark.slow
-def test_book_builds_without_warnings(tmp_path):
-    jb = shutil.which("jupyter-book") or str(Path(sys.executable).with_name("jupyter-book"))
-    out = subprocess.run([jb, "build", str(ROOT), "--path-output", str(tmp_path), "-W", "--keep-going"],
-                         capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    html = tmp_path / "_build" / "html"
-    chapters = [line.split("file:")[1].strip() for line in (ROOT / "_toc.yml").read_text().splitlines() if "file:" in line]
-    for chapter in ["book/intro", *chapters]:
-        page = html / f"{chapter}.html"
-        assert page.is_file(), f"{page} missing"
-    data_page = (html / "book" / "01_data.html").read_text()
-    assert re.search(r"<video[^>]*>\s*<source src=\"data:video/mp4;base64,", data_page), "the episode video is not embedded"
+def test_every_chapter_is_built_with_its_figures_and_videos(html):
+    for chapter in CHAPTERS:
+        assert (html / f"{chapter}.html").is_file(), f"{chapter}.html missing"
+    data_page = (html / "book" / "02_data.html").read_text()
+    assert re.search(VIDEO, data_page), "the episode video is not embedded"
     assert "colab.research.google.com" in data_page, "no Colab launch button"
     figures = re.findall(r'<img[^>]+src="\.\./_images/([^"]+\.png)"', data_page)
     assert len(figures) >= 2, "the chapter's figures are missing (a non-inline matplotlib backend?)"
     assert all((html / "_images" / name).is_file() for name in figures)
 
     sweep_page = (html / "book" / "08_distribution_shift.html").read_text()
-    assert len(re.findall(r"<video[^>]*>\s*<source src=\"data:video/mp4;base64,", sweep_page)) == 2, "the best-setting and fall videos"
+    assert len(re.findall(VIDEO, sweep_page)) == 2, "the best-setting and fall videos"
     assert len(re.findall(r'<img[^>]+src="\.\./_images/[^"]+\.png"', sweep_page)) >= 4, "the sweep's figures are missing"
     assert "window-table" in sweep_page, "the window table is missing"
+
+    # The sliders of chapters 6 (guidance scale) and 7 (window size) carry their precomputed views.
+    for chapter in ("book/06_guidance", "book/07_planning"):
+        assert WIDGET_STATE in (html / f"{chapter}.html").read_text(), f"{chapter} has no saved slider state"
+    for page in html.rglob("*.html"):
+        assert "cdn.jsdelivr.net" not in page.read_text() and "cdnjs.cloudflare.com" not in page.read_text(), f"{page} loads a CDN"
+
+
+def _chrome():
+    """Headless Chromium, or a failure that says how to install it (CI installs it through `make test`)."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (in requirements.txt)")
+    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    if not Path(driver_path).exists():
+        pytest.fail("chromedriver not found: sudo apt-get install chromium chromium-driver (make test does this)")
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600",
+                "--autoplay-policy=no-user-gesture-required"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=webdriver.ChromeService(driver_path), options=opts)
+
+
+def _wait(driver, script: str, timeout: float = 30.0):
+    """Poll a JavaScript expression until it is truthy; return its value (falsy on timeout)."""
+    end = time.time() + timeout
+    value = driver.execute_script(f"return {script}")
+    while not value and time.time() < end:
+        time.sleep(0.25)
+        value = driver.execute_script(f"return {script}")
+    return value
+
+
+@pytest.mark.slow
+def test_every_page_works_in_a_browser(html):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver = _chrome()
+    moved = 0
+    try:
+        for chapter in CHAPTERS:
+            page = html / f"{chapter}.html"
+            source = page.read_text()
+            driver.get(page.as_uri())
+            assert _wait(driver, "document.readyState === 'complete'"), chapter
+            if WIDGET_STATE in source:
+                assert _wait(driver, "document.querySelectorAll('.widget-slider').length > 0"), f"{chapter}: widgets did not render"
+            n_videos = len(re.findall(VIDEO, source))
+            if n_videos:
+                ready = _wait(driver, f"Array.from(document.querySelectorAll('video')).filter(v => v.readyState >= 1).length >= {n_videos}")
+                assert ready, f"{chapter}: a video does not load"
+            broken = driver.execute_script(
+                "return Array.from(document.querySelectorAll('img')).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src.slice(0, 80))")
+            assert not broken, f"{chapter}: images that do not load: {broken}"
+
+            for slider in driver.find_elements(By.CSS_SELECTOR, ".widget-slider"):
+                view = slider.find_element(By.XPATH, "following-sibling::*[1]")
+                before = hashlib.sha1(view.get_attribute("innerHTML").encode()).hexdigest()
+                slider.find_element(By.CSS_SELECTOR, ".noUi-handle").send_keys(Keys.ARROW_RIGHT)
+                time.sleep(0.5)
+                after = hashlib.sha1(view.get_attribute("innerHTML").encode()).hexdigest()
+                assert after != before, f"{chapter}: moving a slider did not change its view"
+                moved += 1
+
+            errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not errors, f"{chapter}: browser errors: {errors}"
+    finally:
+        driver.quit()
+    assert moved >= 2, "expected the guidance-scale and window-size sliders"

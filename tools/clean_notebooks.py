@@ -4,7 +4,7 @@ Cells whose first line is ``# NBVAL_CHECK_OUTPUT`` keep their (small, determinis
 that ``pytest --nbval-lax`` has something to compare against. Usage:
 
     python tools/clean_notebooks.py book/*.ipynb            # strip in place
-    python tools/clean_notebooks.py --execute book/01_data.ipynb   # run first, then strip
+    python tools/clean_notebooks.py --execute book/02_data.ipynb   # run first, then strip
 """
 
 from __future__ import annotations
