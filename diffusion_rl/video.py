@@ -35,6 +35,7 @@ __all__ = [
     "episode_frames",
     "integrate_x",
     "plan_ghost_qpos",
+    "plan_strip",
     "qpos_from_observation",
     "render_states",
     "rollout_frames",
@@ -253,6 +254,33 @@ def plan_ghost_qpos(plan_observations: np.ndarray, x0: float) -> np.ndarray:
     if plan.ndim != 2 or plan.shape[1] != 17 or not len(plan):
         raise ValueError(f"expected one plan of observations (H, 17), got shape {plan.shape}")
     return qpos_from_observation(plan, integrate_x(plan, x0=float(x0)))
+
+
+def plan_strip(
+    observations: np.ndarray,
+    spacing: float = 0.7,
+    width: int = 640,
+    height: int = 240,
+    ghost_rgba: tuple[float, ...] = (0.3, 0.6, 1.0, 0.6),
+) -> np.ndarray:
+    """Plans' poses side by side, ``spacing`` metres apart: observations (..., H, 17) -> frames (..., height, width, 3).
+
+    The first pose (the real, conditioning state) is drawn solid and the planned ones as ghosts,
+    from a fixed side camera that frames the whole row, so strips of different plans compare.
+    """
+    import mujoco
+
+    obs = np.asarray(observations, dtype=np.float64)
+    if obs.ndim < 2 or obs.shape[-1] != 17:
+        raise ValueError(f"expected plan observations of shape (..., H, 17), got {obs.shape}")
+    lead, horizon = obs.shape[:-2], obs.shape[-2]
+    poses = qpos_from_observation(obs, spacing * np.arange(horizon)).reshape(-1, horizon, 9)
+    camera = mujoco.MjvCamera()
+    camera.type = mujoco.mjtCamera.mjCAMERA_FREE
+    camera.distance, camera.azimuth, camera.elevation = 3.6, 90.0, -5.0
+    camera.lookat[:] = (spacing * (horizon - 1) / 2, 0.0, 0.7)
+    frames = render_states(poses[:, 0], ghosts=poses[:, 1:], ghost_rgba=ghost_rgba, camera=camera, width=width, height=height)
+    return frames.reshape(*lead, height, width, 3)
 
 
 def episode_frames(

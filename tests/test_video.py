@@ -344,3 +344,16 @@ def test_episode_frames_rejects_bad_shapes() -> None:
         video.episode_frames(states, x, plans, np.array([0, 11]))  # past the last step
     with pytest.raises(ValueError, match="every"):
         video.episode_frames(states, x, every=0)
+
+
+def test_plan_strip_draws_each_plan_from_one_camera(gl: str) -> None:
+    """Strips keep the leading shape, and a different plan gives a different picture from the same camera."""
+    rng = np.random.default_rng(0)
+    obs = np.zeros((2, 4, 17))
+    obs[..., 0] = 1.25  # standing torso height
+    obs[1, 1:, 2:8] = rng.uniform(-0.5, 0.5, (3, 6))  # bend the planned joints of the second plan only
+    frames = video.plan_strip(obs, width=64, height=48)
+    assert frames.shape == (2, 48, 64, 3)
+    assert (frames[0] != frames[1]).any()
+    with pytest.raises(ValueError, match="H, 17"):
+        video.plan_strip(np.zeros((4, 16)))
