@@ -32,7 +32,10 @@ def as_widget(view: Any):
         buf = io.BytesIO()
         view.savefig(buf, format="png", dpi=90, bbox_inches="tight")
         plt.close(view)  # shown through the widget only, not a second time by the inline backend
-        return widgets.Image(value=buf.getvalue(), format="png", layout=widgets.Layout(max_width="100%", height="auto"))
+        png = buf.getvalue()
+        natural = int.from_bytes(png[16:20], "big")  # the PNG header's width field
+        # As wide as the page allows, never wider than drawn: no sideways scrolling on narrow pages.
+        return widgets.Image(value=png, format="png", layout=widgets.Layout(width="100%", max_width=f"{natural}px", height="auto"))
     if hasattr(view, "_repr_html_"):
         view = view._repr_html_()
     return widgets.HTML(value=str(view))

@@ -36,6 +36,7 @@ def test_views_become_widgets():
     ax.plot([0, 1])
     image = as_widget(fig)
     assert isinstance(image, widgets.Image) and image.value[:4] == b"\x89PNG"
+    assert image.layout.width == "100%" and image.layout.max_width.endswith("px")
     assert not plt.get_fignums()  # shown through the widget only
     assert isinstance(as_widget("<i>x</i>"), widgets.HTML)
     button = widgets.Button()
