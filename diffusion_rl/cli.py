@@ -169,6 +169,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace | None) -> int:
+    from diffusion_rl.doctor import run_doctor
+
+    return 0 if run_doctor()["ok"] else 1
+
+
 def _add_planner_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planner", default="walker2d-h8", help="shipped planner name (default: walker2d-h8)")
     p.add_argument("--diffuser", default=None, help="use this train-diffuser run (folder or checkpoint.pt) instead")
@@ -251,11 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("benchmark", help="training and planning speed on this machine, as ratios to the reference figures")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("doctor", help="versions, GL rendering, datasets present, shipped files verified: run this first when something is wrong")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m diffusion_rl``."""
+    if (sys.argv[1:] if argv is None else argv) == ["doctor"]:
+        # Building the parser imports torch and gymnasium; the doctor must run even where those are broken.
+        return cmd_doctor(None)
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_rl.checkpoint import atomic_write_bytes
 from diffusion_rl.data import (
     DEFAULT_DATASET_ID,
     DatasetError,
@@ -254,7 +255,8 @@ def make_dataset(
         staged = staging.joinpath(*dataset_id.split("/"))
         final.parent.mkdir(parents=True, exist_ok=True)
         if not (final.parent / "namespace_metadata.json").exists() and (staged.parent / "namespace_metadata.json").exists():
-            shutil.copy2(staged.parent / "namespace_metadata.json", final.parent / "namespace_metadata.json")
+            # Atomically: a kill mid-copy must not leave a truncated file that later builds keep.
+            atomic_write_bytes(final.parent / "namespace_metadata.json", (staged.parent / "namespace_metadata.json").read_bytes())
         os.replace(staged, final)  # the one step that makes the dataset visible
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -411,7 +411,9 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
             buffer.add(obs, action, reward, next_obs, terminated)
             obs, step, ep_return, ep_len = next_obs, step + 1, ep_return + reward, ep_len + 1
             if step > cfg.learning_starts:
-                agent.update(buffer.sample(rng, cfg.batch_size))
+                losses = agent.update(buffer.sample(rng, cfg.batch_size))
+                if not bool(torch.cat([v.reshape(-1) for v in losses.values()]).isfinite().all()):
+                    _non_finite(losses, step, cfg)
             bar.update(1)
 
             if terminated or truncated:
@@ -445,6 +447,18 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
         bar.close()
         env.close()
     return ckpt_path
+
+
+def _non_finite(losses: dict[str, torch.Tensor], step: int, cfg: SACConfig) -> None:
+    """Stop a run whose losses became NaN or infinite, before anything is checkpointed."""
+    from diffusion_rl.training import TrainingError
+
+    last = (step - 1) - (step - 1) % cfg.checkpoint_every  # checkpoint.pt keeps this step, not the broken weights
+    values = ", ".join(f"{k} {float(v.reshape(-1)[0]):.4g}" for k, v in losses.items())
+    raise TrainingError(
+        f"SAC became non-finite at env step {step} ({values}); nothing after the last checkpoint (step {last}) was "
+        "saved. Train again with lower --q-lr and --policy-lr in a new --run-dir (a resume would repeat the same steps)."
+    )
 
 
 def _capture_env(env, obs: np.ndarray, ep_return: float, ep_len: int) -> dict:

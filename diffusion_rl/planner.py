@@ -8,6 +8,7 @@ replanning point every live episode gets a plan conditioned on its real state, e
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -281,11 +282,12 @@ def rollout(
                     action = np.clip(current[i, step % windows[i]], -1.0, 1.0)
                     o, reward, terminated, truncated, _ = envs[i].step(action)
                     r = results[i]
-                    r.total_return += float(reward)
+                    finite = bool(np.all(np.isfinite(o))) and math.isfinite(reward)
+                    r.total_return += float(reward) if finite else 0.0
                     r.length += 1
                     if record:
                         logs[i].step(o, envs[i], action, reward)
-                    if not np.all(np.isfinite(o)):
+                    if not finite or _simulation_blew_up(envs[i]):
                         r.diverged = True
                     elif terminated:
                         r.fell = True
@@ -306,6 +308,25 @@ def rollout(
         for env in envs:
             env.close()
     return results
+
+
+@functools.cache
+def _bad_state_warnings() -> tuple[int, ...]:
+    """MuJoCo's warning slots for a NaN or huge position, velocity, acceleration or control."""
+    import mujoco
+
+    w = mujoco.mjtWarning
+    return tuple(int(x) for x in (w.mjWARN_BADQPOS, w.mjWARN_BADQVEL, w.mjWARN_BADQACC, w.mjWARN_BADCTRL))
+
+
+def _simulation_blew_up(env) -> bool:
+    """Whether MuJoCo met a NaN or huge state or control since the episode's reset.
+
+    MuJoCo resets a simulation whose state became NaN or huge (and zeroes a bad control), so the
+    observation after it looks normal: only its warning counters tell that the episode diverged.
+    """
+    warnings = env.unwrapped.data.warning
+    return any(warnings[i].number for i in _bad_state_warnings())
 
 
 class _Log:

@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import queue
 import time
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ from diffusion_rl.analysis import (
     wilson_ci,
 )
 from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from diffusion_rl.planner import EpisodeResult, Planner, rollout
+from diffusion_rl.planner import EpisodeResult, Planner, check_guidance_scale, rollout
 
 __all__ = [
     "D4RL_WALKER2D",
@@ -147,7 +148,10 @@ class SweepConfig:
     def settings(self, horizon: int) -> list[Setting]:
         """The settings to run, unguided first."""
         unguided = [Setting(k) for k in parse_windows(self.windows, horizon)]
-        guided = [Setting(k, float(self.guidance_scale)) for k in parse_windows(self.guided_windows, horizon)]
+        guided_windows = parse_windows(self.guided_windows, horizon)
+        # Checked here, before anything is written: a bad scale must not leave a sweep.json that blocks the folder.
+        scale = check_guidance_scale(float(self.guidance_scale)) if guided_windows else None
+        guided = [Setting(k, scale) for k in guided_windows]
         if not unguided + guided:
             raise ValueError("The sweep has no settings: give at least one window (windows or guided_windows).")
         return unguided + guided
@@ -207,14 +211,21 @@ def save_episode(path: Path, r: EpisodeResult) -> None:
 
 
 def load_episode(path: Path) -> EpisodeResult:
-    """Read an episode written by :func:`save_episode`."""
-    with np.load(path, allow_pickle=False) as z:
-        g = float(z["guidance_scale"])
-        return EpisodeResult(
-            seed=int(z["seed"]), window=int(z["window"]), guidance_scale=None if math.isnan(g) else g,
-            total_return=float(z["total_return"]), length=int(z["length"]), fell=bool(z["fell"]), diverged=bool(z["diverged"]),
-            states=z["states"], x=z["x"], actions=z["actions"], rewards=z["rewards"], plans=z["plans"], plan_steps=z["plan_steps"],
-        )
+    """Read an episode written by :func:`save_episode`; a damaged file is a ValueError that says what to do."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            g = float(z["guidance_scale"])
+            return EpisodeResult(
+                seed=int(z["seed"]), window=int(z["window"]), guidance_scale=None if math.isnan(g) else g,
+                total_return=float(z["total_return"]), length=int(z["length"]), fell=bool(z["fell"]), diverged=bool(z["diverged"]),
+                states=z["states"], x=z["x"], actions=z["actions"], rewards=z["rewards"], plans=z["plans"], plan_steps=z["plan_steps"],
+            )
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        # Episodes are written atomically, so this is damage from outside (a disk error, a partial copy).
+        raise ValueError(
+            f"The recorded episode {path} is damaged ({type(exc).__name__}: {exc}). Delete it and rerun the same "
+            "sweep command: only that episode is run again."
+        ) from None
 
 
 def _run_group(cfg: SweepConfig, tasks: list[tuple[int, int, float | None]], out: str, on_step=None) -> int:
@@ -281,7 +292,15 @@ def run_episodes(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = ""
     meta_path = out / "sweep.json"
     meta = {"spec": spec, "config": asdict(cfg), "runs": []}
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        try:
+            old = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict) or "spec" not in old:
+            raise ValueError(
+                f"{meta_path} is not the record of a diffusion_rl sweep (unreadable, or written by something else); "
+                "choose another output folder, or delete that file if the folder's episodes are yours to discard."
+            )
         if old.get("spec") != spec:
             raise ValueError(
                 f"{out} holds a sweep with other settings, seeds or planner ({meta_path}); "
