@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return func(args)
-    except (DatasetError, CheckpointError, TrainingError, ValueError) as exc:
-        # A user mistake gets its message, not a traceback into torch or minari.
+    except (DatasetError, CheckpointError, TrainingError, ValueError, OSError) as exc:
+        # A user mistake (or a full disk, a read-only or misnamed path) gets its message, not a
+        # traceback into torch or minari.
         if os.environ.get("DIFFUSION_RL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

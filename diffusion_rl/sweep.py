@@ -310,6 +310,10 @@ def run_episodes(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = ""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, meta)
 
+    # A write killed mid-way leaves its temp file behind (never read: names start with '.' and end
+    # in '.tmp'); remove them so a resumed folder holds only finished files. One sweep per folder.
+    for stale in [*out.glob(".*.tmp"), *(out / "episodes").glob(".*.tmp")]:
+        stale.unlink(missing_ok=True)
     todo = [(s, seed) for s in settings for seed in seeds if not episode_path(out, s, seed).exists()]
     t0 = time.perf_counter()
     env_steps = _run_todo(cfg, todo, out, progress) if todo else 0

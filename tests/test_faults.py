@@ -141,6 +141,13 @@ def test_cli_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkey
     assert not (tmp_path / "s").exists()
 
 
+def test_cli_file_system_errors_are_one_error_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    err = cli_error(capsys, "sweep", "--out", str(blocker / "sweep"), "--windows", "1", "--guided-windows", "none")
+    assert "a-file" in err
+
+
 def test_cli_refuses_a_file_that_is_not_a_checkpoint(runs, tmp_path, capsys):
     notes = tmp_path / "notes.pt"
     notes.write_text("hello")
@@ -302,6 +309,7 @@ def test_sweep_killed_mid_run_resumes_to_the_uninterrupted_results(cfg, referenc
     assert rerun.returncode == 0, rerun.stderr
     for name, mtime in kept.items():
         assert (out / "episodes" / name).stat().st_mtime_ns == mtime, f"{name} was redone"
+    assert not list(out.rglob("*.tmp")), "the resumed run removes temp files left by the kill"
     last = json.loads((out / "sweep.json").read_text())["runs"][-1]
     assert (last["episodes_kept"], last["episodes_run"]) == (len(kept), total - len(kept))
     for p in (reference / "episodes").glob("*.npz"):
