@@ -35,6 +35,27 @@ def tiny_policy():
     return policy
 
 
+def tiny_common(dataset_id: str) -> dict:
+    """Options shared by the tiny denoiser and value runs the test modules train (seconds on a CPU)."""
+    return {"dataset_id": dataset_id, "horizon": 4, "dim": 8, "dim_mults": "1,2", "n_diffusion_steps": 5, "batch_size": 8,
+            "log_every": 10, "ema_start": 20, "ema_every": 2, "threads": 1}
+
+
+def module_dataset(dataset_id: str):
+    """Fixtures giving a test module one tiny dataset: ``shared_root, minari_root = module_dataset(DATA)``."""
+
+    @pytest.fixture(scope="module")
+    def shared_root(tmp_path_factory, tiny_policy):
+        return tiny_dataset(tmp_path_factory, tiny_policy, dataset_id)
+
+    @pytest.fixture(autouse=True)
+    def minari_root(shared_root, monkeypatch):
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(shared_root))
+        return shared_root
+
+    return shared_root, minari_root
+
+
 def tiny_dataset(tmp_path_factory, policy, dataset_id: str) -> Path:
     """A 6-episode dataset of ``policy`` (short episodes that fall) in its own Minari folder, for module fixtures."""
     from diffusion_rl.collect import make_dataset

@@ -43,7 +43,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dataset, tiny_runs
+from conftest import module_dataset, tiny_common, tiny_runs
 
 from diffusion_rl import doctor, pretrained, sweep
 from diffusion_rl import planner as planner_module
@@ -54,22 +54,14 @@ from diffusion_rl.planner import rollout
 from diffusion_rl.training import DiffuserConfig, TrainingError, ValueConfig, train
 
 DATA = "walker2d/faults-tiny-v0"
-COMMON = {"dataset_id": DATA, "horizon": 4, "dim": 8, "dim_mults": "1,2", "n_diffusion_steps": 5, "batch_size": 8,
-          "log_every": 10, "ema_start": 20, "ema_every": 2, "threads": 1}
+COMMON = tiny_common(DATA)
 TINY_D = DiffuserConfig(total_steps=80, checkpoint_every=40, **COMMON)
 TINY_V = ValueConfig(total_steps=40, checkpoint_every=20, **COMMON)
 RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
 
 
-@pytest.fixture(scope="module")
-def shared_root(tmp_path_factory, tiny_policy):
-    return tiny_dataset(tmp_path_factory, tiny_policy, DATA)
-
-
-@pytest.fixture(autouse=True)
-def minari_root(shared_root, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(shared_root))
-    return shared_root
+# One tiny dataset for the whole module (an untrained policy: short episodes that fall).
+shared_root, minari_root = module_dataset(DATA)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dataset, tiny_runs
+from conftest import module_dataset, tiny_common, tiny_runs
 
 from diffusion_rl import pretrained
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
@@ -21,24 +21,15 @@ from diffusion_rl.planner import rollout
 from diffusion_rl.training import DiffuserConfig, TrainingError, ValueConfig, read_loss_log, train
 
 DATA = "walker2d/tiny-v0"
-COMMON = dict(dataset_id=DATA, horizon=4, dim=8, dim_mults="1,2", n_diffusion_steps=5, batch_size=8,
-              log_every=10, ema_start=20, ema_every=2, threads=1)
+COMMON = tiny_common(DATA)
 TINY_D = DiffuserConfig(total_steps=120, checkpoint_every=40, **COMMON)
 TINY_V = ValueConfig(total_steps=60, checkpoint_every=30, **COMMON)
 CLI_ARGS = ["--dataset-id", DATA, "--horizon", "4", "--dim", "8", "--dim-mults", "1,2", "--n-diffusion-steps", "5",
             "--batch-size", "8", "--log-every", "10", "--ema-start", "20", "--ema-every", "2", "--threads", "1", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def shared_root(tmp_path_factory, tiny_policy):
-    """One tiny dataset for the whole module (an untrained policy: short episodes that fall)."""
-    return tiny_dataset(tmp_path_factory, tiny_policy, DATA)
-
-
-@pytest.fixture(autouse=True)
-def minari_root(shared_root, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(shared_root))
-    return shared_root
+# One tiny dataset for the whole module (an untrained policy: short episodes that fall).
+shared_root, minari_root = module_dataset(DATA)
 
 
 @pytest.fixture(scope="module")

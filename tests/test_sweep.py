@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-from conftest import tiny_dataset, tiny_runs
+from conftest import module_dataset, tiny_common, tiny_runs
 
 from diffusion_rl import analysis, figures, sweep
 from diffusion_rl.planner import rollout
@@ -17,20 +17,12 @@ from diffusion_rl.training import DiffuserConfig, ValueConfig
 matplotlib.use("Agg")
 
 DATA = "walker2d/sweep-tiny-v0"
-COMMON = {"dataset_id": DATA, "horizon": 4, "dim": 8, "dim_mults": "1,2", "n_diffusion_steps": 5, "batch_size": 8,
-          "log_every": 10, "ema_start": 20, "ema_every": 2, "threads": 1}
+COMMON = tiny_common(DATA)
 RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
 
 
-@pytest.fixture(scope="module")
-def shared_root(tmp_path_factory, tiny_policy):
-    return tiny_dataset(tmp_path_factory, tiny_policy, DATA)
-
-
-@pytest.fixture(autouse=True)
-def minari_root(shared_root, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(shared_root))
-    return shared_root
+# One tiny dataset for the whole module (an untrained policy: short episodes that fall).
+shared_root, minari_root = module_dataset(DATA)
 
 
 @pytest.fixture(scope="module")
