@@ -228,12 +228,16 @@ def load_episode(path: Path) -> EpisodeResult:
         ) from None
 
 
-def _run_group(cfg: SweepConfig, tasks: list[tuple[int, int, float | None]], out: str, on_step=None) -> int:
-    """Run (seed, window, scale) episodes in one batched rollout, saving each as it ends; returns env steps."""
+def _run_group(cfg: SweepConfig, tasks: list[tuple[int, int, float | None]], out: str, on_step=None, planner: Planner | None = None) -> int:
+    """Run (seed, window, scale) episodes in one batched rollout, saving each as it ends; returns env steps.
+
+    A worker process loads its own ``planner``; in this process the caller's is reused.
+    """
     from diffusion_rl.runtime import torch_threads
 
-    with torch_threads(cfg.threads):
-        planner, _ = load_sweep_planner(cfg)
+    if planner is None:
+        with torch_threads(cfg.threads):
+            planner, _ = load_sweep_planner(cfg)
     seeds, windows, scales = (list(c) for c in zip(*tasks))
     out_dir = Path(out)
 
@@ -247,7 +251,7 @@ def _run_group(cfg: SweepConfig, tasks: list[tuple[int, int, float | None]], out
     return int(sum(r.length for r in results))
 
 
-def _run_todo(cfg: SweepConfig, todo: list[tuple[Setting, int]], out: Path, progress: bool) -> int:
+def _run_todo(cfg: SweepConfig, todo: list[tuple[Setting, int]], out: Path, progress: bool, planner: Planner) -> int:
     """Run the missing episodes, in ``cfg.workers`` processes (or in this one); returns env steps."""
     from tqdm.auto import tqdm
 
@@ -258,7 +262,7 @@ def _run_todo(cfg: SweepConfig, todo: list[tuple[Setting, int]], out: Path, prog
     bar = tqdm(total=cfg.max_steps * len(groups), desc="sweep", unit="step", disable=not progress, mininterval=1.0)
     try:
         if workers == 1:
-            return _run_group(cfg, groups[0], str(out), bar.update)
+            return _run_group(cfg, groups[0], str(out), bar.update, planner)
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
         with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             q = manager.Queue()
@@ -279,7 +283,11 @@ def run_episodes(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = ""
     A rerun with the same settings, seeds and planner keeps every finished episode; anything else
     in an existing folder is refused rather than mixed in.
     """
-    out = Path(out_dir)
+    return _run_episodes(cfg, Path(out_dir), command, progress)[3]["runs"][-1]
+
+
+def _run_episodes(cfg: SweepConfig, out: Path, command: str, progress: bool) -> tuple[Planner, list[Setting], list[int], dict]:
+    """:func:`run_episodes`, also returning the planner, settings, seeds and the updated sweep.json record."""
     planner, ident = load_sweep_planner(cfg)
     settings, seeds = cfg.settings(planner.horizon), cfg.seeds()
     if not isinstance(cfg.max_steps, int) or cfg.max_steps < 1:
@@ -316,7 +324,7 @@ def run_episodes(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = ""
         stale.unlink(missing_ok=True)
     todo = [(s, seed) for s in settings for seed in seeds if not episode_path(out, s, seed).exists()]
     t0 = time.perf_counter()
-    env_steps = _run_todo(cfg, todo, out, progress) if todo else 0
+    env_steps = _run_todo(cfg, todo, out, progress, planner) if todo else 0
     wall = time.perf_counter() - t0
     record = {
         "command": command, "episodes_run": len(todo), "episodes_kept": len(settings) * len(seeds) - len(todo),
@@ -326,19 +334,17 @@ def run_episodes(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = ""
     }
     meta["runs"].append(record)
     atomic_write_json(meta_path, meta)
-    return record
+    return planner, settings, seeds, meta
 
 
 def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = "", progress: bool = True) -> dict:
     """Run (or finish) a sweep into ``out_dir`` and analyse it; returns the summary (see :func:`run_episodes`)."""
-    run_episodes(cfg, out_dir, command, progress)
-    planner, _ = load_sweep_planner(cfg)
+    out = Path(out_dir)
+    planner, settings, seeds, meta = _run_episodes(cfg, out, command, progress)
     t0 = time.perf_counter()
-    summary = analyse_sweep(out_dir, planner, cfg.settings(planner.horizon), cfg.seeds())
-    meta_path = Path(out_dir) / "sweep.json"
-    meta = json.loads(meta_path.read_text())
+    summary = analyse_sweep(out, planner, settings, seeds)
     meta["runs"][-1]["analysis_wall_s"] = round(time.perf_counter() - t0, 1)
-    atomic_write_json(meta_path, meta)
+    atomic_write_json(out / "sweep.json", meta)
     return summary
 
 
@@ -417,10 +423,11 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
         for r in range(1, min(s.window, H - 1) + 1):
             per_episode = [float(np.nanmean(dr[:, r - 1])) for dr in drifts if np.isfinite(dr[:, r - 1]).any()]
             drift_rows.append({"setting": s.label, "window": s.window, "guided": s.guided, "offset": r, **_flat(_mean_ci(per_episode)), "episodes": len(per_episode)})
-        steady_nn = [r["nn_distance_steady"] for r in rows if r["setting"] == s.label]
+        own = rows[-len(eps):]  # this setting's rows, just appended
+        steady_nn = [r["nn_distance_steady"] for r in own]
         shift_rows.append({"setting": s.label, "window": s.window, "guided": s.guided, "metric": "nn_distance", "phase": "steady",
                            "steps_before_fall": "", **_flat(_mean_ci(steady_nn)), "episodes": len(steady_nn)})
-        summary_settings.append(_setting_summary(s, [r for r in rows if r["setting"] == s.label]))
+        summary_settings.append(_setting_summary(s, own))
 
     # Just before falls, pooled over every setting (falls are too few per setting for a profile each).
     # Distances to the data are per step; plan drift is per plan, so it is binned by H steps.

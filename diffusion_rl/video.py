@@ -36,6 +36,7 @@ __all__ = [
     "integrate_x",
     "plan_ghost_qpos",
     "plan_strip",
+    "pose_strip",
     "qpos_from_observation",
     "render_states",
     "rollout_frames",
@@ -281,6 +282,25 @@ def plan_strip(
     camera.lookat[:] = (spacing * (horizon - 1) / 2, 0.0, 0.7)
     frames = render_states(poses[:, 0], ghosts=poses[:, 1:], ghost_rgba=ghost_rgba, camera=camera, width=width, height=height)
     return frames.reshape(*lead, height, width, 3)
+
+
+def pose_strip(
+    observations: np.ndarray,
+    ghost_observations: np.ndarray | None = None,
+    every: int = 1,
+    width: int = 220,
+    height: int = 240,
+    rows: tuple[int, int] = (35, 215),
+) -> np.ndarray:
+    """Every ``every``-th pose of a window (H, 17) side by side in one image, optionally with a second window as ghosts.
+
+    Each pose keeps its own tracking camera, so the strip compares shapes, not positions;
+    ``rows`` crops each frame to the band that holds the walker.
+    """
+    qpos = plan_ghost_qpos(observations, 0.0)[::every]
+    ghosts = None if ghost_observations is None else plan_ghost_qpos(ghost_observations, 0.0)[::every, None]
+    frames = render_states(qpos, width=width, height=height, ghosts=ghosts)
+    return np.concatenate(list(frames[:, rows[0] : rows[1]]), axis=1)
 
 
 def episode_frames(

@@ -77,3 +77,17 @@ def tiny_runs(root: Path, tmp_path_factory, diffuser_cfg, value_cfg) -> tuple[Pa
         train(diffuser_cfg, d, progress=False)
         train(value_cfg, v, progress=False)
     return d, v
+
+
+def poison_loss(monkeypatch, name: str, at_call: int) -> None:
+    """Make ``diffusion_rl.training.<name>`` (a loss function) return NaN on its ``at_call``-th call."""
+    import diffusion_rl.training as tr
+
+    real, calls = getattr(tr, name), {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == at_call else loss
+
+    monkeypatch.setattr(tr, name, poisoned)

@@ -43,7 +43,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import module_dataset, tiny_common, tiny_runs
+from conftest import module_dataset, poison_loss, tiny_common, tiny_runs
 
 from diffusion_rl import doctor, pretrained, sweep
 from diffusion_rl import planner as planner_module
@@ -176,16 +176,7 @@ def test_resume_with_another_horizon_is_refused(runs, tmp_path):
 
 
 def test_nan_value_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import diffusion_rl.training as tr
-
-    real, calls = tr.value_loss, {"n": 0}
-
-    def poisoned(*a):
-        calls["n"] += 1
-        loss = real(*a)
-        return loss * float("nan") if calls["n"] == 25 else loss
-
-    monkeypatch.setattr(tr, "value_loss", poisoned)
+    poison_loss(monkeypatch, "value_loss", at_call=25)
     with pytest.raises(TrainingError, match="step 25.*step 20"):
         train(TINY_V, tmp_path / "nan", progress=False)
     assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt", kind="value")["step"] == 20

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import module_dataset, tiny_common, tiny_runs
+from conftest import module_dataset, poison_loss, tiny_common, tiny_runs
 
 from diffusion_rl import pretrained
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
@@ -104,17 +104,7 @@ def test_resume_with_other_options_is_refused(runs, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import diffusion_rl.training as tr
-
-    real = tr.diffuser_loss
-    calls = {"n": 0}
-
-    def poisoned(*a):
-        calls["n"] += 1
-        loss = real(*a)
-        return loss * float("nan") if calls["n"] == 55 else loss
-
-    monkeypatch.setattr(tr, "diffuser_loss", poisoned)
+    poison_loss(monkeypatch, "diffuser_loss", at_call=55)
     with pytest.raises(TrainingError, match="step 55.*step 40"):
         train(TINY_D, tmp_path / "nan", progress=False)
     assert load_checkpoint(tmp_path / "nan" / "checkpoint.pt")["step"] == 40

@@ -357,3 +357,14 @@ def test_plan_strip_draws_each_plan_from_one_camera(gl: str) -> None:
     assert (frames[0] != frames[1]).any()
     with pytest.raises(ValueError, match="H, 17"):
         video.plan_strip(np.zeros((4, 16)))
+
+
+def test_pose_strip_joins_cropped_poses_and_draws_ghosts(gl: str) -> None:
+    """Every k-th pose side by side, each cropped to the walker's band; a second window adds its ghosts."""
+    obs = np.zeros((8, 17))
+    obs[:, 0] = 1.25
+    plain = video.pose_strip(obs, every=2, width=64, height=48, rows=(4, 44))
+    assert plain.shape == (40, 4 * 64, 3)
+    bent = obs.copy()
+    bent[:, 2:8] = 0.5
+    assert (video.pose_strip(obs, bent, every=2, width=64, height=48, rows=(4, 44)) != plain).any()
