@@ -112,7 +112,7 @@ def plot_window_scores(res: SweepResults):
 
 
 def plot_episode_scatter(res: SweepResults, seed: int = 0):
-    """Fig. 2 of the study: every episode's return against its window; crosses fell, dots walked 1000 steps."""
+    """Fig. 2 of the study: every episode's return against its window (crosses fell), with each setting's mean and 95% CI."""
     import matplotlib.pyplot as plt
 
     ref = res.summary["references"]
@@ -128,6 +128,12 @@ def plot_episode_scatter(res: SweepResults, seed: int = 0):
         name = "guided" if guided else "unguided"
         ax.scatter(k[~fell], ret[~fell], s=14, color=color, alpha=0.7, label=f"{name}, walked to the limit")
         ax.scatter(k[fell], ret[fell], s=22, color=color, marker="x", alpha=0.9, label=f"{name}, fell")
+        # Each setting's mean with its 95% interval, beside its cloud of episodes.
+        rows = _settings(res, guided)
+        mean = np.array([r["return"]["mean"] for r in rows])
+        lo, hi = (np.array([r["return"]["ci95"][i] for r in rows]) for i in (0, 1))
+        ax.errorbar(np.array([r["window"] for r in rows]) + offset, mean, yerr=[mean - lo, hi - mean], fmt="_",
+                    color="k", ms=12, capsize=4, lw=1.8, zorder=3, label="mean, 95% CI" if guided else None)
     ax.axhline(ref["data_mean_return"], color="k", lw=1, ls=":", label="data mean return")
     ax.set(xlabel="executed window k (actions per plan)", ylabel="episode return",
            title=f"Every episode ({res.summary['episodes_per_setting']} per setting)")
