@@ -6,21 +6,26 @@ generator seeded by that episode's reset seed, so an episode is fully determined
 whatever order the parallel environments finish in.
 
 The dataset is written into a staging folder and moved into place only when Minari has finished,
-so a killed or failed build never leaves a folder that looks like a dataset.
+so a killed or failed build never leaves a folder that looks like a dataset. Each finished episode is
+also kept (one atomic ``.npz`` per reset seed) until the dataset is in place, so a build killed during
+collection resumes with the episodes it had: rerun the same command.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import warnings
+import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from diffusion_rl.checkpoint import atomic_write_bytes
+from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from diffusion_rl.data import (
     DEFAULT_DATASET_ID,
     DatasetError,
@@ -41,6 +46,53 @@ NoisyPolicy = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(observations (B, obs_dim), standard-normal noise (B, act_dim)) -> actions (B, act_dim)."""
 
 
+_EPISODE_FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
+
+
+class EpisodeCache:
+    """Finished episodes of a build not yet written, one atomic ``episode-<seed>.npz`` each.
+
+    ``key`` names what determines an episode besides its seed (the policy's SHA-256, the environment);
+    a folder made under another key is emptied, so a changed policy never mixes into a build.
+    """
+
+    def __init__(self, folder: Path, key: dict) -> None:
+        self.folder, self.key = Path(folder), key
+        record = self.folder / "cache.json"
+        try:
+            same = json.loads(record.read_text()) == key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            atomic_write_json(record, key)
+
+    def load(self, seed: int) -> dict | None:
+        """The cached episode of ``seed``, or None if absent or unreadable (it is then collected again)."""
+        path = self.folder / f"episode-{seed}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                ep = {k: f[k] for k in _EPISODE_FIELDS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        n = len(ep["actions"])
+        if n == 0 or len(ep["observations"]) != n + 1 or any(len(ep[k]) != n for k in _EPISODE_FIELDS[2:]):
+            return None
+        return ep
+
+    def save(self, seed: int, ep: dict) -> None:
+        """Keep one finished episode."""
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(ep[k]) for k in _EPISODE_FIELDS})
+        atomic_write_bytes(self.folder / f"episode-{seed}.npz", buf.getvalue())
+
+    def ids(self, first_seed: int, n_episodes: int | None = None) -> list[int]:
+        """Episode indices (seed - first_seed) present in the cache, within the build's range."""
+        seeds = (p.stem.removeprefix("episode-") for p in self.folder.glob("episode-*.npz"))
+        ks = sorted(int(x) - first_seed for x in seeds if x.lstrip("-").isdigit())
+        return [k for k in ks if k >= 0 and (n_episodes is None or k < n_episodes)]
+
+
 def collect_episodes(
     policy: NoisyPolicy,
     n_episodes: int | None = None,
@@ -49,11 +101,13 @@ def collect_episodes(
     n_envs: int = 16,
     env_id: str = ENV_ID,
     progress: bool = True,
+    cache: EpisodeCache | None = None,
 ) -> list:
     """Roll out ``policy`` and return Minari ``EpisodeBuffer`` objects, one per episode, in seed order.
 
     With ``n_episodes`` set, exactly that many episodes; otherwise the fewest episodes (in seed
-    order) whose steps add up to at least ``min_steps``.
+    order) whose steps add up to at least ``min_steps``. Episodes found in ``cache`` are reused, and
+    each newly finished one is saved there.
     """
     from minari.data_collector import EpisodeBuffer
     from tqdm.auto import tqdm
@@ -68,8 +122,22 @@ def collect_episodes(
     def reached(k: int, steps: int) -> bool:
         return k >= n_episodes if n_episodes is not None else steps >= min_steps
 
+    def extend_prefix() -> None:
+        # Extend the finished prefix in seed order, stopping where the target is met.
+        nonlocal prefix, prefix_steps
+        while prefix in finished and not reached(prefix, prefix_steps):
+            prefix_steps += len(finished[prefix]["actions"])
+            prefix += 1
+
+    def more() -> bool:
+        return n_episodes is None or next_episode < n_episodes
+
     def start(slot: int) -> None:
         nonlocal next_episode
+        while more() and next_episode in finished:  # reused from the cache
+            next_episode += 1
+        if not more() or reached(prefix, prefix_steps):
+            return
         seed = first_seed + next_episode
         obs, _ = envs[slot].reset(seed=seed)
         slots[slot] = {"id": next_episode, "seed": seed, "rng": np.random.default_rng(seed),
@@ -77,9 +145,16 @@ def collect_episodes(
         next_episode += 1
 
     bar = tqdm(total=n_episodes or min_steps, unit="episode" if n_episodes else "step", desc="collect", disable=not progress)
+    if cache is not None:
+        for k in cache.ids(first_seed, n_episodes):
+            if (ep := cache.load(first_seed + k)) is not None:
+                finished[k] = {"id": k, "seed": first_seed + k, **ep}
+        extend_prefix()
+        bar.update(len(finished) if n_episodes else prefix_steps)
+        if finished:
+            bar.write(f"collect: reusing {len(finished)} finished episodes of an interrupted build")
     for s in range(n_envs):
-        if n_episodes is None or next_episode < n_episodes:
-            start(s)
+        start(s)
     while not reached(prefix, prefix_steps):
         active = [s for s in range(n_envs) if slots[s] is not None]
         obs = np.stack([slots[s]["observations"][-1] for s in active])
@@ -97,15 +172,13 @@ def collect_episodes(
                 bar.update(1)
             if term or trunc:
                 finished[ep["id"]] = ep
+                if cache is not None:
+                    cache.save(ep["seed"], ep)
                 slots[s] = None
-                # Extend the finished prefix in seed order, stopping where the target is met.
-                while prefix in finished and not reached(prefix, prefix_steps):
-                    prefix_steps += len(finished[prefix]["actions"])
-                    prefix += 1
+                extend_prefix()
                 if n_episodes:
                     bar.update(1)
-                if n_episodes is None or next_episode < n_episodes:
-                    start(s)
+                start(s)
     bar.close()
     for env in envs:
         env.close()
@@ -163,6 +236,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _cache_folder(root: Path, dataset_id: str) -> Path:
+    return root / f".episodes-{dataset_id.replace('/', '--')}"
+
+
 def _clean_stale(root: Path, dataset_id: str) -> None:
     for stale in root.glob(".staging-*"):
         pid = stale.name.split("-")[1]
@@ -173,6 +250,9 @@ def _clean_stale(root: Path, dataset_id: str) -> None:
     if final.exists() and not is_complete_dataset(final):
         # A half-written folder (from an interrupted minari call, say) would shadow a rebuild.
         shutil.rmtree(final)
+    elif final.exists():
+        # Killed between moving the dataset into place and dropping its kept episodes.
+        shutil.rmtree(_cache_folder(root, dataset_id), ignore_errors=True)
 
 
 def make_dataset(
@@ -221,8 +301,12 @@ def make_dataset(
         def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
             return actor.act(obs, noise=noise)
 
+    cache = None
+    if (policy_sha := (policy_meta or {}).get("sha256")) is not None:
+        # An episode is fixed by its seed, the policy and the environment: key the kept episodes on those.
+        cache = EpisodeCache(_cache_folder(root, dataset_id), {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1})
     with torch_threads(1):
-        episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress)
+        episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache)
     returns = np.array([ep.rewards.sum() for ep in episodes])
     meta = policy_meta or {}
     ref_max = meta.get("eval_stochastic", {}).get("mean")
@@ -260,6 +344,7 @@ def make_dataset(
         os.replace(staged, final)  # the one step that makes the dataset visible
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(_cache_folder(root, dataset_id), ignore_errors=True)
     ds = load_dataset(dataset_id, download=False)
     if len(returns) != ds.total_episodes:
         raise DatasetError(f"Wrote {len(returns)} episodes but read back {ds.total_episodes}.")

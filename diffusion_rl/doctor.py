@@ -219,7 +219,14 @@ def _sweep(report: dict) -> None:
                                   f"or recompute them with `python -m diffusion_rl sweep --out {folder}`.")
     if "sweep.json" not in present:
         return
-    used = json.loads((folder / "sweep.json").read_text()).get("spec", {}).get("planner", {})
+    from diffusion_rl.sweep import check_result_hashes
+
+    record = json.loads((folder / "sweep.json").read_text())
+    try:
+        check_result_hashes(folder, record)
+    except ValueError as e:
+        report["problems"].append(str(e))
+    used = record.get("spec", {}).get("planner", {})
     name = used.get("source", {}).get("planner")
     if name:
         shipped = {}

@@ -17,7 +17,8 @@ Files in the output folder:
 * ``drift.csv`` and ``shift.csv``: plan-versus-reality drift by offset, and the distance to the data
   and the drift before falls versus steady walking.
 * ``video_episodes.npz``: the two episodes the book films (the best setting's median episode, a fall).
-* ``sweep.json``: what was run (settings, seeds, planner SHA-256), by which command, how long it took.
+* ``sweep.json``: what was run (settings, seeds, planner SHA-256), by which command, how long it took,
+  and the SHA-256 of each file above, which :func:`load_results` checks before it reads them.
 
 Only ``episodes/`` is large; the rest is what ships in ``diffusion_rl/assets/window_sweep``.
 """
@@ -49,20 +50,23 @@ from diffusion_rl.analysis import (
     trend_test,
     wilson_ci,
 )
-from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from diffusion_rl.planner import EpisodeResult, Planner, check_guidance_scale, rollout
 
 __all__ = [
     "D4RL_WALKER2D",
     "PRESETS",
+    "RESULT_FILES",
     "SHIPPED",
     "Setting",
     "SweepConfig",
     "SweepResults",
     "analyse_sweep",
+    "check_result_hashes",
     "load_results",
     "load_sweep_planner",
     "parse_windows",
+    "result_hashes",
     "run_episodes",
     "run_sweep",
 ]
@@ -344,8 +348,27 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = "", p
     t0 = time.perf_counter()
     summary = analyse_sweep(out, planner, settings, seeds)
     meta["runs"][-1]["analysis_wall_s"] = round(time.perf_counter() - t0, 1)
+    meta["files_sha256"] = result_hashes(out)
     atomic_write_json(out / "sweep.json", meta)
     return summary
+
+
+RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
+"""The analysed results; ``sweep.json`` records their SHA-256."""
+
+
+def result_hashes(out_dir: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of each result file present in ``out_dir``."""
+    return {n: sha256_file(Path(out_dir) / n) for n in RESULT_FILES if (Path(out_dir) / n).is_file()}
+
+
+def check_result_hashes(path: Path, meta: dict) -> None:
+    """Refuse result files that differ from the SHA-256 their sweep.json recorded (edited or damaged)."""
+    recorded = meta.get("files_sha256") or {}
+    changed = [n for n, digest in result_hashes(path).items() if n in recorded and digest != recorded[n]]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} in {path} differ from the SHA-256 recorded in its sweep.json (edited or "
+                         f"damaged); refusing to read them. Reinstall the package or rerun `python -m diffusion_rl sweep --out {path}`.")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -637,6 +660,8 @@ def load_results(path: str | os.PathLike | None = None) -> SweepResults:
     missing = [n for n in ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "sweep.json") if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a finished sweep (missing {', '.join(missing)}); run `python -m diffusion_rl sweep --out {path}`.")
+    meta = json.loads((path / "sweep.json").read_text())
+    check_result_hashes(path, meta)
     videos: dict[str, dict[str, np.ndarray]] = {}
     if (path / "video_episodes.npz").is_file():
         with np.load(path / "video_episodes.npz", allow_pickle=False) as z:
@@ -646,5 +671,5 @@ def load_results(path: str | os.PathLike | None = None) -> SweepResults:
     return SweepResults(
         episodes=_read_csv(path / "episodes.csv"), summary=json.loads((path / "summary.json").read_text()),
         drift=_read_csv(path / "drift.csv"), shift=_read_csv(path / "shift.csv"), videos=videos,
-        meta=json.loads((path / "sweep.json").read_text()), path=path,
+        meta=meta, path=path,
     )

@@ -49,6 +49,7 @@ from diffusion_rl import doctor, pretrained, sweep
 from diffusion_rl import planner as planner_module
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
 from diffusion_rl.cli import main
+from diffusion_rl.collect import EpisodeCache
 from diffusion_rl.data import is_complete_dataset, load_episodes
 from diffusion_rl.planner import rollout
 from diffusion_rl.training import DiffuserConfig, TrainingError, ValueConfig, train
@@ -354,6 +355,68 @@ def _episodes(root: Path, dataset_id: str, monkeypatch) -> list:
     return load_episodes(dataset_id)
 
 
+def _assert_same_as_uninterrupted(tmp_path: Path, root: Path, dataset_id: str, policy: Path, n: int, monkeypatch) -> None:
+    """The uninterrupted build, elsewhere, has the same episodes bit for bit and the same metadata."""
+    from diffusion_rl.collect import make_dataset
+
+    ref_root = tmp_path / "ref"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(ref_root))
+    make_dataset(dataset_id, n_episodes=n, policy_path=policy, progress=False)
+    ref, got = _episodes(ref_root, dataset_id, monkeypatch), _episodes(root, dataset_id, monkeypatch)
+    assert len(got) == len(ref) == n
+    for a, b in zip(got, ref):
+        for field in ("observations", "actions", "rewards"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+        assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
+    final = Path(*dataset_id.split("/"))
+    meta = [json.loads((r / final / "data" / "metadata.json").read_text()) for r in (root, ref_root)]
+    assert meta[0] == meta[1]
+
+
+@pytest.mark.slow
+def test_make_dataset_killed_mid_collection_keeps_its_finished_episodes(tmp_path, monkeypatch):
+    from diffusion_rl.collect import make_dataset
+    from diffusion_rl.expert import load_policy
+
+    dataset_id, root = "walker2d/killed-collect-v0", tmp_path / "minari"
+    policy = _tiny_policy_file(tmp_path)
+    args = [sys.executable, "-m", "diffusion_rl", "make-dataset", "--dataset-id", dataset_id, "--episodes", "600",
+            "--policy", str(policy), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "MINARI_DATASETS_PATH": str(root)})
+    kept = root / ".episodes-walker2d--killed-collect-v0"
+    while proc.poll() is None and len(list(kept.glob("episode-*.npz"))) < 100:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the kill should land while episodes are collected"
+    n_kept = len(list(kept.glob("episode-*.npz")))
+    assert 100 <= n_kept < 600 and not (root / "walker2d" / "killed-collect-v0").exists()
+    (kept / "episode-130.npz").write_bytes(b"torn")  # a damaged kept episode is collected again, not trusted
+    saved_steps = sum(len(np.load(f)["actions"]) for f in kept.glob("episode-*.npz") if f.name != "episode-130.npz")
+
+    # The rerun steps the simulator only for the episodes that were not finished.
+    actor, meta = load_policy(policy)
+    stepped = []
+
+    def counting(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        stepped.append(len(obs))
+        return actor.act(obs, noise=noise)
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    ds = make_dataset(dataset_id, n_episodes=600, policy=counting, policy_meta=meta, progress=False)
+    assert sum(stepped) == ds.total_steps - saved_steps
+    assert not kept.exists()
+    _assert_same_as_uninterrupted(tmp_path, root, dataset_id, policy, 600, monkeypatch)
+
+    # Episodes kept for another policy are never mixed into a build.
+    other = EpisodeCache(tmp_path / "other", {"policy_sha256": "a"})
+    other.save(7, {"observations": np.zeros((2, 17)), "actions": np.zeros((1, 6)), "rewards": np.zeros(1),
+                   "terminations": np.zeros(1, bool), "truncations": np.zeros(1, bool)})
+    assert EpisodeCache(tmp_path / "other", {"policy_sha256": "a"}).load(7) is not None
+    assert EpisodeCache(tmp_path / "other", {"policy_sha256": "b"}).load(7) is None
+
+
 @pytest.mark.slow
 def test_make_dataset_killed_mid_build_reruns_to_the_same_dataset(tmp_path, monkeypatch):
     from diffusion_rl.collect import make_dataset
@@ -381,18 +444,7 @@ def test_make_dataset_killed_mid_build_reruns_to_the_same_dataset(tmp_path, monk
     rerun = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert is_complete_dataset(root / final) and not list(root.glob(".staging-*"))
-    # The uninterrupted build, elsewhere: the same episodes, bit for bit, and the same metadata.
-    ref_root = tmp_path / "ref"
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(ref_root))
-    make_dataset(dataset_id, n_episodes=300, policy_path=policy, progress=False)
-    ref, got = _episodes(ref_root, dataset_id, monkeypatch), _episodes(root, dataset_id, monkeypatch)
-    assert len(got) == len(ref) == 300
-    for a, b in zip(got, ref):
-        for field in ("observations", "actions", "rewards"):
-            assert np.array_equal(getattr(a, field), getattr(b, field))
-        assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
-    meta = [json.loads((r / final / "data" / "metadata.json").read_text()) for r in (root, ref_root)]
-    assert meta[0] == meta[1]
+    _assert_same_as_uninterrupted(tmp_path, root, dataset_id, policy, 300, monkeypatch)
     # A third run finds the finished dataset and keeps it.
     before = (root / final / "data" / "main_data.hdf5").stat().st_mtime_ns
     assert subprocess.run(args, check=False, capture_output=True, env=env, timeout=300).returncode == 0
@@ -442,6 +494,8 @@ def test_doctor_flags_tampered_and_missing_assets(tmp_path, monkeypatch, capsys)
     weights.write_bytes(bytes(data))
     (assets / "expert-walker2d-sac.safetensors").unlink()
     (assets / "window_sweep" / "summary.json").unlink()
+    with (assets / "window_sweep" / "drift.csv").open("a") as f:
+        f.write("1,2,3\n")
     monkeypatch.setattr(doctor, "ASSETS", assets)
     report = doctor.run_doctor(verbose=False)
     bad = {r["file"]: r for r in report["assets"]["files"] if not r["ok"]}
@@ -451,9 +505,20 @@ def test_doctor_flags_tampered_and_missing_assets(tmp_path, monkeypatch, capsys)
     assert not report["ok"]
     for what in ("walker2d-h8-value.safetensors does not match", "expert-walker2d-sac.safetensors is missing", "summary.json"):
         assert any(what in p and "git checkout" in p for p in report["problems"]), what
+    assert any("drift.csv in" in p and "differ from the SHA-256" in p for p in report["problems"])
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
     assert "problem:" in out and out.strip().splitlines()[-1].startswith("verdict: ")
+
+
+def test_edited_sweep_results_are_refused(tmp_path):
+    folder = shutil.copytree(sweep.SHIPPED, tmp_path / "sweep", ignore=shutil.ignore_patterns("episodes"))
+    assert set(sweep.load_results(folder).meta["files_sha256"]) == set(sweep.RESULT_FILES)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["trend"] = {"rho": 1.0}  # a doctored result
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="summary.json in .* differ from the SHA-256 recorded .* rerun"):
+        sweep.load_results(folder)
 
 
 def test_doctor_reports_a_broken_gl_backend(monkeypatch):

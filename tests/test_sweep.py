@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 
 DATA = "walker2d/sweep-tiny-v0"
 COMMON = tiny_common(DATA)
-RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
+RESULT_FILES = sweep.RESULT_FILES
 
 
 # One tiny dataset for the whole module (an untrained policy: short episodes that fall).
@@ -46,6 +46,7 @@ def test_reduced_sweep_writes_every_result_file(done):
     for name in RESULT_FILES:
         assert (done / name).is_file(), name
     res = sweep.load_results(done)
+    assert set(res.meta["files_sha256"]) == set(RESULT_FILES)  # what load_results checks
     assert len(res.episodes) == 6
     assert {(e["setting"], e["seed"]) for e in res.episodes} == {(s, seed) for s in ("k1", "k4", "k4-guided") for seed in (10000, 10001)}
     for e in res.episodes:
