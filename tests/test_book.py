@@ -56,7 +56,10 @@ def test_every_chapter_is_built_with_its_figures_and_videos(html):
     for chapter in ("book/06_guidance", "book/07_planning"):
         assert WIDGET_STATE in (html / f"{chapter}.html").read_text(), f"{chapter} has no saved slider state"
     for page in html.rglob("*.html"):
-        assert "cdn.jsdelivr.net" not in page.read_text() and "cdnjs.cloudflare.com" not in page.read_text(), f"{page} loads a CDN"
+        text = page.read_text()
+        assert "cdn.jsdelivr.net" not in text and "cdnjs.cloudflare.com" not in text, f"{page} loads a CDN"
+        for video in re.findall(r"data:video/mp4;base64,([A-Za-z0-9+/=]+)", text):
+            assert len(video) * 3 / 4 < 2_000_000, f"a video of {page.name} is over 2 MB"
 
 
 def _chrome():
