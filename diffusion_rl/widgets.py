@@ -34,8 +34,10 @@ def as_widget(view: Any):
         plt.close(view)  # shown through the widget only, not a second time by the inline backend
         png = buf.getvalue()
         natural = int.from_bytes(png[16:20], "big")  # the PNG header's width field
-        # As wide as the page allows, never wider than drawn: no sideways scrolling on narrow pages.
-        return widgets.Image(value=png, format="png", layout=widgets.Layout(width="100%", max_width=f"{natural}px", height="auto"))
+        # As wide as the page allows, never wider than drawn: no sideways scrolling on narrow pages
+        # (no margin either: 100% plus the default widget margin overflowed by 4 px).
+        return widgets.Image(value=png, format="png",
+                             layout=widgets.Layout(width="100%", max_width=f"{natural}px", height="auto", margin="0"))
     if hasattr(view, "_repr_html_"):
         view = view._repr_html_()
     return widgets.HTML(value=str(view))

@@ -137,7 +137,9 @@ def test_figures_and_table_draw(done):
     rows = figures.window_table(res)
     assert [r["setting"] for r in rows] == ["k1", "k4", "k4-guided"]
     assert rows[1]["study's window"] == 3
-    assert figures.window_table_html(res).count("<tr>") == 4
+    table = figures.window_table_html(res)
+    assert table.count("<tr>") == 2 * 4  # two tables of a header and three settings
+    assert all(f"<th>{h}</th>" in table.replace("&#x27;", "'") for h in rows[0] if h != "setting")  # every column shown
 
 
 def test_cli_sweep_prints_the_table(cfg, tmp_path, capsys):
