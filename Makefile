@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 book: $(VENV)/.installed
-	$(BIN)/jupyter-book build . -W --keep-going
+	$(BIN)/jupyter-book build . -W --keep-going --all
 
 browser:
 	@command -v chromedriver >/dev/null || { echo "installing chromium and chromium-driver for the browser test"; \
