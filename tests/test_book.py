@@ -108,6 +108,12 @@ def test_every_page_works_in_a_browser(html):
             broken = driver.execute_script(
                 "return Array.from(document.querySelectorAll('img')).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src.slice(0, 80))")
             assert not broken, f"{chapter}: images that do not load: {broken}"
+            # Figures, slider views and tables fit the text column (code cells may scroll sideways).
+            wide = driver.execute_script(
+                "return Array.from(document.querySelectorAll('.cell_output img, .cell_output .widget-image, .cell_output table'))"
+                ".filter(e => e.getBoundingClientRect().right > e.closest('.cell_output').getBoundingClientRect().right + 1)"
+                ".map(e => e.tagName + '.' + e.className.slice(0, 40))")
+            assert not wide, f"{chapter}: wider than the page's text column: {wide}"
 
             for slider in driver.find_elements(By.CSS_SELECTOR, ".widget-slider"):
                 view = slider.find_element(By.XPATH, "following-sibling::*[1]")
