@@ -12,11 +12,12 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from diffusion_rl.gl import GL_TIMEOUT_S, probe_gl
 
 __all__ = ["ASSETS", "GL_TIMEOUT_S", "PACKAGES", "SWEEP_FILES", "run_doctor"]
 
@@ -29,25 +30,11 @@ PACKAGES = ("torch", "numpy", "gymnasium", "mujoco", "minari", "safetensors")
 SWEEP_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "sweep.json", "video_episodes.npz")
 """The window sweep's result files the book reads."""
 
-GL_TIMEOUT_S = 60
-"""A GL driver that hangs is reported after this many seconds rather than waited on."""
 
 WALKER_SHAPES = {"observation": [17], "action": [6]}
 """Observation and action shapes of Walker2d-v5: a dataset with others cannot train these planners."""
 
 _REINSTALL = "restore it with `git checkout -- diffusion_rl/assets` (or reinstall the package)"
-
-# Runs in a child process: a broken OpenGL driver can crash or hang the process that loads it.
-_GL_PROBE = """
-import sys
-try:
-    from diffusion_rl import video
-    print(video.check_gl())
-except Exception as err:
-    print(err if type(err).__name__ == "RenderError" else f"{type(err).__name__}: {err}")
-    sys.exit(3)
-"""
-
 
 def _guard(report: dict, section: str, probe: Callable[[dict], Any]) -> None:
     """Run one probe; if it raises, record the failure as a problem instead of crashing the doctor."""
@@ -87,22 +74,9 @@ def _torch(report: dict) -> None:
 
 
 def _gl(report: dict) -> None:
-    env = dict(os.environ)
-    # The child must import this very package, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent.parent), env.get("PYTHONPATH")) if p)
     gl = {"MUJOCO_GL": os.environ.get("MUJOCO_GL"), "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM"), "works": False}
-    try:
-        proc = subprocess.run([sys.executable, "-c", _GL_PROBE], check=False, capture_output=True, text=True, env=env, timeout=GL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        gl["error"] = f"rendering one frame hung for {GL_TIMEOUT_S} s"
-    else:
-        lines = [line for line in proc.stdout.splitlines() if line.strip()]
-        if proc.returncode == 0 and lines:
-            gl.update(works=True, backend=lines[-1])
-        elif proc.returncode < 0:
-            gl["error"] = f"rendering one frame crashed the process (signal {-proc.returncode})"
-        else:
-            gl["error"] = lines[0] if lines else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    works, detail = probe_gl()
+    gl.update({"works": True, "backend": detail} if works else {"error": detail})
     report["gl"] = gl
     if not gl["works"]:
         report["problems"].append(

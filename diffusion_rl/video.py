@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffusion_rl.envs import ENV_ID, make_env  # also sets MUJOCO_GL before mujoco loads
+from diffusion_rl.gl import RenderError, check_gl
 
 if TYPE_CHECKING:
     from IPython.display import HTML
@@ -60,8 +61,6 @@ GHOST_RGBA = (0.3, 0.6, 1.0, 0.35)
 PLAN_END_RGBA = (0.3, 0.6, 1.0, 0.15)
 """Fainter colour for the last pose of a plan, where the planner means to be at its horizon."""
 
-_TRIVIAL_MODEL = "<mujoco><worldbody><geom size='0.1'/></worldbody></mujoco>"
-
 # Side view of the gymnasium Walker2d default camera (distance 4, elevation -20, look at
 # z = 1.15), but re-centred on the torso each frame: a planned trajectory can jump, and a
 # smoothed MuJoCo tracking camera would lag behind it.
@@ -69,59 +68,6 @@ _CAM_DISTANCE = 3.0
 _CAM_ELEVATION = -20.0
 _CAM_AZIMUTH = 90.0
 _CAM_LOOKAT_Z = 1.0
-
-_gl_backend: str | None = None
-
-
-class RenderError(RuntimeError):
-    """MuJoCo cannot render offscreen on this machine; the message says how to fix it."""
-
-
-def _gl_help(backend: str, err: BaseException, mujoco_imported: bool) -> str:
-    """Explain a failed offscreen render and what to install or set."""
-    scope = (
-        "Only rendering needs OpenGL; simulation, training and evaluation do not."
-        if mujoco_imported
-        # An invalid MUJOCO_GL, or a missing OSMesa, makes `import mujoco` itself fail.
-        else "mujoco itself fails to import, so simulation is broken too until this is fixed."
-    )
-    return (
-        f"MuJoCo cannot render offscreen with MUJOCO_GL={backend!r}: "
-        f"{type(err).__name__}: {err}\n"
-        f"{scope} To render:\n"
-        "  * EGL (headless; GPU drivers or Mesa software rendering), on Debian/Ubuntu:\n"
-        "      sudo apt-get install libegl1 libgl1 libgles2 libegl-mesa0\n"
-        "    and use MUJOCO_GL=egl (diffusion_rl's default when MUJOCO_GL is unset).\n"
-        "  * or OSMesa (pure software, slower):\n"
-        "      sudo apt-get install libosmesa6\n"
-        "    and set MUJOCO_GL=osmesa and PYOPENGL_PLATFORM=osmesa.\n"
-        "Set MUJOCO_GL before Python imports mujoco, e.g. `MUJOCO_GL=osmesa jupyter-book build .`,\n"
-        "or `os.environ['MUJOCO_GL'] = 'osmesa'` in a notebook's first cell after restarting the kernel."
-    )
-
-
-def check_gl() -> str:
-    """Render one tiny offscreen frame and return the MUJOCO_GL backend, or raise RenderError."""
-    global _gl_backend
-    if _gl_backend is not None:
-        return _gl_backend
-    backend = os.environ.get("MUJOCO_GL", "")
-    # Broken GL surfaces as many exception types (ImportError, AttributeError, RuntimeError,
-    # PyOpenGL's FatalError), some of them while mujoco itself is imported.
-    try:
-        import mujoco
-    except Exception as err:
-        raise RenderError(_gl_help(backend, err, mujoco_imported=False)) from err
-    try:
-        model = mujoco.MjModel.from_xml_string(_TRIVIAL_MODEL)
-        with mujoco.Renderer(model, height=8, width=8) as renderer:
-            renderer.update_scene(mujoco.MjData(model))
-            renderer.render()
-    except Exception as err:
-        raise RenderError(_gl_help(backend, err, mujoco_imported=True)) from err
-    _gl_backend = backend
-    return backend
-
 
 def qpos_from_observation(obs: np.ndarray, x: np.ndarray | float = 0.0) -> np.ndarray:
     """Rebuild Walker2d qpos (..., 9) from observations (..., 17) and the root x they omit."""
