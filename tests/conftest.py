@@ -36,9 +36,13 @@ def tiny_policy():
 
 
 def tiny_common(dataset_id: str) -> dict:
-    """Options shared by the tiny denoiser and value runs the test modules train (seconds on a CPU)."""
+    """Options shared by the tiny denoiser and value runs the test modules train (seconds on a CPU).
+
+    The device is pinned to the CPU, where the bit-for-bit resume tests hold also on a machine with a
+    GPU; tests/test_cuda.py covers the GPU.
+    """
     return {"dataset_id": dataset_id, "horizon": 4, "dim": 8, "dim_mults": "1,2", "n_diffusion_steps": 5, "batch_size": 8,
-            "log_every": 10, "ema_start": 20, "ema_every": 2, "threads": 1}
+            "log_every": 10, "ema_start": 20, "ema_every": 2, "threads": 1, "device": "cpu"}
 
 
 def module_dataset(dataset_id: str):

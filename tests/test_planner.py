@@ -25,7 +25,7 @@ COMMON = tiny_common(DATA)
 TINY_D = DiffuserConfig(total_steps=120, checkpoint_every=40, **COMMON)
 TINY_V = ValueConfig(total_steps=60, checkpoint_every=30, **COMMON)
 CLI_ARGS = ["--dataset-id", DATA, "--horizon", "4", "--dim", "8", "--dim-mults", "1,2", "--n-diffusion-steps", "5",
-            "--batch-size", "8", "--log-every", "10", "--ema-start", "20", "--ema-every", "2", "--threads", "1", "--no-progress"]
+            "--batch-size", "8", "--log-every", "10", "--ema-start", "20", "--ema-every", "2", "--threads", "1", "--device", "cpu", "--no-progress"]
 
 
 # One tiny dataset for the whole module (an untrained policy: short episodes that fall).
