@@ -28,6 +28,7 @@ NVIDIA_EGL_VENDOR = Path("/usr/share/glvnd/egl_vendor.d/10_nvidia.json")
 
 APT_INSTALL = ["apt-get", "install", "-y", "-qq", "libegl1", "libgl1", "libegl-mesa0", "libosmesa6"]
 """What :func:`select_gl` installs, as root, when no backend works and ``install=True``."""
+APT_UPDATE = ["apt-get", "update", "-qq"]
 
 _TRIVIAL_MODEL = "<mujoco><worldbody><geom size='0.1'/></worldbody></mujoco>"
 
@@ -131,6 +132,17 @@ def _register_nvidia_egl() -> bool:
     return True
 
 
+def _apt_install() -> None:
+    """Install Mesa's EGL and OSMesa; refresh the package lists once if the first try fails."""
+    for command in (APT_INSTALL, APT_UPDATE, APT_INSTALL):
+        try:
+            done = subprocess.run(command, check=False, capture_output=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired):  # no apt-get here, or it hangs: the probes will say so
+            return
+        if done.returncode == 0 and command is APT_INSTALL:
+            return
+
+
 def select_gl(candidates: Sequence[str] = ("egl", "osmesa"), install: bool = False) -> str:
     """Set MUJOCO_GL to the first of ``candidates`` that renders here and return it; raise RenderError if none does.
 
@@ -141,7 +153,10 @@ def select_gl(candidates: Sequence[str] = ("egl", "osmesa"), install: bool = Fal
         # Too late to switch: MuJoCo has read MUJOCO_GL already. Keep the one in force if it works.
         return check_gl()
     if install:
-        _register_nvidia_egl()
+        try:
+            _register_nvidia_egl()
+        except OSError:  # not root: leave the system alone and probe what is there
+            pass
     errors = {}
     for attempt in range(2 if install else 1):
         for backend in candidates:
@@ -152,6 +167,6 @@ def select_gl(candidates: Sequence[str] = ("egl", "osmesa"), install: bool = Fal
                 return backend
             errors[backend] = detail
         if install and attempt == 0:
-            subprocess.run(APT_INSTALL, check=False, capture_output=True, timeout=600)
+            _apt_install()
     tried = "; ".join(f"{b}: {e}" for b, e in errors.items())
     raise RenderError(f"No OpenGL backend renders here ({tried}).\n{_HOW_TO_RENDER}")

@@ -45,6 +45,17 @@ def test_select_gl_says_what_to_install_when_nothing_renders(before_mujoco, monk
     assert calls.count(gl.APT_INSTALL) == 1  # asked: installed once, then probed again
     assert os.environ["MUJOCO_GL"] == "egl"  # a failed choice changes nothing
 
+    # An install that fails refreshes the package lists and tries once more; no apt-get at all is no crash.
+    calls.clear()
+    monkeypatch.setattr(gl, "APT_INSTALL", [sys.executable, "-c", "import sys; sys.exit(100)"])
+    monkeypatch.setattr(gl, "APT_UPDATE", [sys.executable, "-c", "pass"])
+    with pytest.raises(gl.RenderError):
+        gl.select_gl(("nonsense",), install=True)
+    assert calls.count(gl.APT_INSTALL) == 2 and calls.count(gl.APT_UPDATE) == 1
+    monkeypatch.setattr(gl, "APT_INSTALL", ["/nonexistent/apt-get"])
+    with pytest.raises(gl.RenderError):
+        gl.select_gl(("nonsense",), install=True)
+
 
 
 def test_after_mujoco_is_imported_the_backend_in_force_is_kept():
