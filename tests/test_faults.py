@@ -15,7 +15,8 @@ Cases already tested in other modules are not repeated here:
   ::test_a_pickle_with_code_is_never_executed
 * shipped weights tampered, truncated, of another architecture, missing: test_planner.py::
   test_tampered_truncated_and_foreign_weight_files_are_refused, ::test_unknown_pretrained_name, test_expert.py::test_tampered_policy_is_refused
-* no working GL backend: test_video.py::test_check_gl_explains_invalid_backend, ::test_broken_egl_fails_rendering_only
+* no working GL backend: test_video.py::test_check_gl_explains_invalid_backend, ::test_broken_egl_fails_rendering_only,
+  test_gl.py::test_select_gl_says_what_to_install_when_nothing_renders
 * NaN in the denoiser's loss: test_planner.py::test_nan_loss_stops_and_keeps_the_last_good_checkpoint
 * SIGKILL and rerun, bit-identical weights: test_planner.py::test_sigkill_then_rerun_gives_the_uninterrupted_weights
   (diffuser, value), test_expert.py::test_sigkill_then_rerun_gives_the_uninterrupted_weights (the expert)
