@@ -479,6 +479,9 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
     _write_csv(out / "drift.csv", drift_rows)
     _write_csv(out / "shift.csv", shift_rows)
     atomic_write_json(out / "summary.json", summary)
+    if (out / "sweep.json").is_file():  # keep the recorded hashes true to the files just written
+        meta = json.loads((out / "sweep.json").read_text())
+        atomic_write_json(out / "sweep.json", {**meta, "files_sha256": result_hashes(out)})
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -84,6 +85,14 @@ def test_recorded_episode_replays_alone(cfg, done):
     (alone,) = rollout(planner, [10001], window=4, guidance_scale=cfg.guidance_scale, max_steps=50)
     assert round(alone.total_return, 3) == row["return"]
     assert alone.length == row["length"]
+
+
+def test_analysis_alone_keeps_the_recorded_hashes_true(cfg, done, tmp_path):
+    out = shutil.copytree(done, tmp_path / "again")
+    (out / "shift.csv").write_text("stale\n")
+    planner, _ = sweep.load_sweep_planner(cfg)
+    sweep.analyse_sweep(out, planner, cfg.settings(planner.horizon), cfg.seeds())  # called directly, not by run_sweep
+    assert sweep.load_results(out).meta["files_sha256"] == sweep.result_hashes(out)
 
 
 def test_resume_keeps_finished_episodes(cfg, done, tmp_path):
