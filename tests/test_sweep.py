@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -89,7 +90,9 @@ def test_recorded_episode_replays_alone(cfg, done):
 
 def test_analysis_alone_keeps_the_recorded_hashes_true(cfg, done, tmp_path):
     out = shutil.copytree(done, tmp_path / "again")
-    (out / "shift.csv").write_text("stale\n")
+    meta = json.loads((out / "sweep.json").read_text())
+    meta["files_sha256"]["shift.csv"] = "0" * 64  # as if an older analysis had written another shift.csv
+    (out / "sweep.json").write_text(json.dumps(meta))
     planner, _ = sweep.load_sweep_planner(cfg)
     sweep.analyse_sweep(out, planner, cfg.settings(planner.horizon), cfg.seeds())  # called directly, not by run_sweep
     assert sweep.load_results(out).meta["files_sha256"] == sweep.result_hashes(out)
