@@ -273,12 +273,7 @@ sys.exit(main(sys.argv[1:]))
 def test_sweep_killed_mid_run_resumes_to_the_uninterrupted_results(cfg, reference, tmp_path):
     out = tmp_path / "killed"
     args = sweep_args(cfg, out)
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SWEEP, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "episodes").glob("*.npz"))) < 2 and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = _kill_when([sys.executable, "-c", _SLOW_SWEEP, *args], None, lambda: len(list((out / "episodes").glob("*.npz"))) >= 2)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "episodes").glob("*.npz")}
     total = len(list((reference / "episodes").glob("*.npz")))
@@ -351,6 +346,22 @@ def _tiny_policy_file(folder: Path) -> Path:
     return path
 
 
+def _make_dataset_args(dataset_id: str, n_episodes: int, policy: Path) -> list[str]:
+    return [sys.executable, "-m", "diffusion_rl", "make-dataset", "--dataset-id", dataset_id, "--episodes", str(n_episodes),
+            "--policy", str(policy), "--no-progress"]
+
+
+def _kill_when(args: list[str], env: dict | None, ready, timeout: float = 120) -> subprocess.Popen:
+    """Start ``args`` and SIGKILL it the moment ``ready()`` holds (or when it has ended, or after ``timeout`` s)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + timeout
+    while proc.poll() is None and not ready() and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc
+
+
 def _episodes(root: Path, dataset_id: str, monkeypatch) -> list:
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
     return load_episodes(dataset_id)
@@ -381,15 +392,9 @@ def test_make_dataset_killed_mid_collection_keeps_its_finished_episodes(tmp_path
 
     dataset_id, root = "walker2d/killed-collect-v0", tmp_path / "minari"
     policy = _tiny_policy_file(tmp_path)
-    args = [sys.executable, "-m", "diffusion_rl", "make-dataset", "--dataset-id", dataset_id, "--episodes", "600",
-            "--policy", str(policy), "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "MINARI_DATASETS_PATH": str(root)})
     kept = root / ".episodes-walker2d--killed-collect-v0"
-    while proc.poll() is None and len(list(kept.glob("episode-*.npz"))) < 100:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = _kill_when(_make_dataset_args(dataset_id, 600, policy), {**os.environ, "MINARI_DATASETS_PATH": str(root)},
+                      lambda: len(list(kept.glob("episode-*.npz"))) >= 100)
     assert proc.returncode == -signal.SIGKILL, "the kill should land while episodes are collected"
     n_kept = len(list(kept.glob("episode-*.npz")))
     assert 100 <= n_kept < 600 and not (root / "walker2d" / "killed-collect-v0").exists()
@@ -425,15 +430,10 @@ def test_make_dataset_killed_mid_build_reruns_to_the_same_dataset(tmp_path, monk
     dataset_id, root = "walker2d/killed-cli-v0", tmp_path / "minari"
     policy = _tiny_policy_file(tmp_path)
     # 300 short episodes: Minari takes a few tenths of a second to write them, long enough to be caught at it.
-    args = [sys.executable, "-m", "diffusion_rl", "make-dataset", "--dataset-id", dataset_id, "--episodes", "300",
-            "--policy", str(policy), "--no-progress"]
+    args = _make_dataset_args(dataset_id, 300, policy)
     env = {**os.environ, "MINARI_DATASETS_PATH": str(root)}
     for _ in range(3):  # on a very busy machine the write may finish between two looks; then try again
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        while proc.poll() is None and not list(root.glob(".staging-*")):
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc = _kill_when(args, env, lambda: bool(list(root.glob(".staging-*"))))
         if proc.returncode == -signal.SIGKILL:
             break
         shutil.rmtree(root)
