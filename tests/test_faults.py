@@ -346,8 +346,10 @@ def _tiny_policy_file(folder: Path) -> Path:
     return path
 
 
-def _make_dataset_args(dataset_id: str, n_episodes: int, policy: Path) -> list[str]:
-    return [sys.executable, "-m", "diffusion_rl", "make-dataset", "--dataset-id", dataset_id, "--episodes", str(n_episodes),
+def _make_dataset_args(dataset_id: str, size: dict, policy: Path) -> list[str]:
+    """The CLI command for ``make_dataset(dataset_id, **size)`` (size: n_episodes or min_steps)."""
+    flag, n = ("--episodes", size["n_episodes"]) if "n_episodes" in size else ("--steps", size["min_steps"])
+    return [sys.executable, "-m", "diffusion_rl", "make-dataset", "--dataset-id", dataset_id, flag, str(n),
             "--policy", str(policy), "--no-progress"]
 
 
@@ -367,15 +369,15 @@ def _episodes(root: Path, dataset_id: str, monkeypatch) -> list:
     return load_episodes(dataset_id)
 
 
-def _assert_same_as_uninterrupted(tmp_path: Path, root: Path, dataset_id: str, policy: Path, n: int, monkeypatch) -> None:
+def _assert_same_as_uninterrupted(tmp_path: Path, root: Path, dataset_id: str, policy: Path, size: dict, monkeypatch) -> None:
     """The uninterrupted build, elsewhere, has the same episodes bit for bit and the same metadata."""
     from diffusion_rl.collect import make_dataset
 
     ref_root = tmp_path / "ref"
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(ref_root))
-    make_dataset(dataset_id, n_episodes=n, policy_path=policy, progress=False)
+    make_dataset(dataset_id, **size, policy_path=policy, progress=False)
     ref, got = _episodes(ref_root, dataset_id, monkeypatch), _episodes(root, dataset_id, monkeypatch)
-    assert len(got) == len(ref) == n
+    assert len(got) == len(ref) == size.get("n_episodes", len(ref))
     for a, b in zip(got, ref):
         for field in ("observations", "actions", "rewards"):
             assert np.array_equal(getattr(a, field), getattr(b, field))
@@ -386,18 +388,19 @@ def _assert_same_as_uninterrupted(tmp_path: Path, root: Path, dataset_id: str, p
 
 
 @pytest.mark.slow
-def test_make_dataset_killed_mid_collection_keeps_its_finished_episodes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [{"n_episodes": 600}, {"min_steps": 9000}])
+def test_make_dataset_killed_mid_collection_keeps_its_finished_episodes(tmp_path, monkeypatch, size):
     from diffusion_rl.collect import make_dataset
     from diffusion_rl.expert import load_policy
 
     dataset_id, root = "walker2d/killed-collect-v0", tmp_path / "minari"
     policy = _tiny_policy_file(tmp_path)
     kept = root / ".episodes-walker2d--killed-collect-v0"
-    proc = _kill_when(_make_dataset_args(dataset_id, 600, policy), {**os.environ, "MINARI_DATASETS_PATH": str(root)},
+    proc = _kill_when(_make_dataset_args(dataset_id, size, policy), {**os.environ, "MINARI_DATASETS_PATH": str(root)},
                       lambda: len(list(kept.glob("episode-*.npz"))) >= 100)
     assert proc.returncode == -signal.SIGKILL, "the kill should land while episodes are collected"
     n_kept = len(list(kept.glob("episode-*.npz")))
-    assert 100 <= n_kept < 600 and not (root / "walker2d" / "killed-collect-v0").exists()
+    assert n_kept >= 100 and not (root / "walker2d" / "killed-collect-v0").exists()
     (kept / "episode-130.npz").write_bytes(b"torn")  # a damaged kept episode is collected again, not trusted
     saved_steps = sum(len(np.load(f)["actions"]) for f in kept.glob("episode-*.npz") if f.name != "episode-130.npz")
 
@@ -410,10 +413,15 @@ def test_make_dataset_killed_mid_collection_keeps_its_finished_episodes(tmp_path
         return actor.act(obs, noise=noise)
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
-    ds = make_dataset(dataset_id, n_episodes=600, policy=counting, policy_meta=meta, progress=False)
-    assert sum(stepped) == ds.total_steps - saved_steps
+    ds = make_dataset(dataset_id, **size, policy=counting, policy_meta=meta, progress=False)
+    assert n_kept < ds.total_episodes, "the kill should land mid-collection"
+    if "n_episodes" in size:
+        assert sum(stepped) == ds.total_steps - saved_steps
+    else:  # a step target also runs the 15 other environments' episodes in flight when it is met
+        longest = max(len(ep.actions) for ep in _episodes(root, dataset_id, monkeypatch))
+        assert ds.total_steps - saved_steps <= sum(stepped) <= ds.total_steps - saved_steps + 15 * longest
     assert not kept.exists()
-    _assert_same_as_uninterrupted(tmp_path, root, dataset_id, policy, 600, monkeypatch)
+    _assert_same_as_uninterrupted(tmp_path, root, dataset_id, policy, size, monkeypatch)
 
     # Episodes kept for another policy are never mixed into a build.
     other = EpisodeCache(tmp_path / "other", {"policy_sha256": "a"})
@@ -430,7 +438,7 @@ def test_make_dataset_killed_mid_build_reruns_to_the_same_dataset(tmp_path, monk
     dataset_id, root = "walker2d/killed-cli-v0", tmp_path / "minari"
     policy = _tiny_policy_file(tmp_path)
     # 300 short episodes: Minari takes a few tenths of a second to write them, long enough to be caught at it.
-    args = _make_dataset_args(dataset_id, 300, policy)
+    args = _make_dataset_args(dataset_id, {"n_episodes": 300}, policy)
     env = {**os.environ, "MINARI_DATASETS_PATH": str(root)}
     for _ in range(3):  # on a very busy machine the write may finish between two looks; then try again
         proc = _kill_when(args, env, lambda: bool(list(root.glob(".staging-*"))))
@@ -445,7 +453,7 @@ def test_make_dataset_killed_mid_build_reruns_to_the_same_dataset(tmp_path, monk
     rerun = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert is_complete_dataset(root / final) and not list(root.glob(".staging-*"))
-    _assert_same_as_uninterrupted(tmp_path, root, dataset_id, policy, 300, monkeypatch)
+    _assert_same_as_uninterrupted(tmp_path, root, dataset_id, policy, {"n_episodes": 300}, monkeypatch)
     # A third run finds the finished dataset and keeps it.
     before = (root / final / "data" / "main_data.hdf5").stat().st_mtime_ns
     assert subprocess.run(args, check=False, capture_output=True, env=env, timeout=300).returncode == 0
