@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -56,23 +57,11 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float
     """Wilson score interval of a proportion; sensible at 0 of n and n of n, unlike the normal one."""
     if n == 0:
         return (math.nan, math.nan)
-    z = _normal_quantile(0.5 + level / 2)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def _normal_quantile(p: float) -> float:
-    """Inverse standard normal CDF by bisection on erf (exact enough for interval bounds)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -86,11 +75,16 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse]
 
 
-def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson's r of the tie-averaged ranks)."""
+def _centred_ranks(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Both samples' tie-averaged ranks minus their means, and the product of their norms (Spearman's denominator)."""
     rx, ry = _ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64))
     rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return rx, ry, math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+
+
+def spearman_rho(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson's r of the tie-averaged ranks)."""
+    rx, ry, denom = _centred_ranks(x, y)
     return float((rx * ry).sum() / denom) if denom > 0 else math.nan
 
 
@@ -105,11 +99,9 @@ def trend_test(windows: Sequence[int], scores: Sequence[float], n_permutations: 
     y = np.asarray(scores, np.float64)
     if len(k) != len(y) or len(k) < 3:
         raise ValueError("trend_test needs at least 3 (window, score) pairs of equal length.")
-    rho = spearman_rho(k, y)
+    rk, ry, denom = _centred_ranks(k, y)
+    rho = float((rk * ry).sum() / denom) if denom > 0 else math.nan
     rng = np.random.default_rng(seed)
-    rk, ry = _ranks(k), _ranks(y)
-    rk, ry = rk - rk.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rk * rk).sum() * (ry * ry).sum()))
     perms = np.stack([rng.permutation(ry) for _ in range(n_permutations)])
     null = np.abs(perms @ rk) / denom if denom > 0 else np.zeros(n_permutations)
     p = (1 + int((null >= abs(rho) - 1e-12).sum())) / (n_permutations + 1)

@@ -31,9 +31,10 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         )
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    """Build config dataclass ``cls`` from the options :func:`_add_dataclass_args` added (unset ones keep their defaults)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None})
+def config_from_args(cls, args: argparse.Namespace, **defaults):
+    """Build config dataclass ``cls`` from the options :func:`_add_dataclass_args` added; unset ones keep ``defaults``, else cls's."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**{**defaults, **given})
 
 
 def _parse_bool(text: str) -> bool:
@@ -145,12 +146,9 @@ def cmd_export_planner(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from diffusion_rl.sweep import PRESETS, SweepConfig, run_sweep
 
-    cfg = replace(SweepConfig(**PRESETS[args.preset]), **{k: v for k, v in vars(config_from_args(SweepConfig, args)).items()
-                                                           if getattr(args, k, None) is not None})
+    cfg = config_from_args(SweepConfig, args, **PRESETS[args.preset])
     summary = run_sweep(cfg, args.out, command=_command_line(), progress=not args.no_progress)
     print(f"{'setting':<12} {'episodes':>8} {'return':>22} {'% of data':>10} {'falls':>6}")
     for s in summary["settings"]:

@@ -57,7 +57,7 @@ class EpisodeCache:
     """
 
     def __init__(self, folder: Path, key: dict) -> None:
-        self.folder, self.key = Path(folder), key
+        self.folder = Path(folder)
         record = self.folder / "cache.json"
         try:
             same = json.loads(record.read_text()) == key

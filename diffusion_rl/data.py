@@ -45,6 +45,7 @@ __all__ = [
     "load_dataset",
     "load_episodes",
     "local_dataset_path",
+    "sample_states",
     "validate_dataset_id",
 ]
 
@@ -198,6 +199,14 @@ def load_episodes(dataset_or_id=DEFAULT_DATASET_ID, env_id: str | None = None) -
         )
         for ep in ds.iterate_episodes()
     ]
+
+
+def sample_states(episodes: list[Episode], n: int, horizon: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random dataset states (n, obs_dim) and the ``horizon`` real states from each (n, horizon, obs_dim)."""
+    rng = np.random.default_rng(seed)
+    picks = [(e, int(rng.integers(0, len(episodes[e]) - horizon))) for e in rng.integers(0, len(episodes), n)]
+    futures = np.stack([episodes[e].observations[t : t + horizon] for e, t in picks])
+    return futures[:, 0].copy(), futures
 
 
 # ----------------------------------------------------------------------------- normalizer

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffusion_rl.gl import GL_TIMEOUT_S, probe_gl
+from diffusion_rl.gl import GL_TIMEOUT_S, INSTALL_HINT, probe_gl
 
 __all__ = ["ASSETS", "GL_TIMEOUT_S", "PACKAGES", "SWEEP_FILES", "run_doctor"]
 
@@ -81,8 +81,7 @@ def _gl(report: dict) -> None:
     if not gl["works"]:
         report["problems"].append(
             f"Offscreen rendering fails (MUJOCO_GL={gl['MUJOCO_GL']!r}): {gl['error']}. Videos and the book need it "
-            "(training and evaluation do not): install EGL with `sudo apt-get install libegl1 libgl1 libgles2 libegl-mesa0`, "
-            "or OSMesa with `sudo apt-get install libosmesa6` and MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa."
+            f"(training and evaluation do not): {INSTALL_HINT}."
         )
 
 

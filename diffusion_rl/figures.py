@@ -13,7 +13,7 @@ import numpy as np
 
 from diffusion_rl.sweep import SweepResults
 
-__all__ = ["plot_drift", "plot_episode_scatter", "plot_shift", "plot_window_scores", "window_table", "window_table_html"]
+__all__ = ["errorbar_by_window", "plot_drift", "plot_episode_scatter", "plot_shift", "plot_window_scores", "window_table", "window_table_html"]
 
 UNGUIDED, GUIDED, STUDY = "#1f77b4", "#d62728", "#7f7f7f"
 
@@ -22,15 +22,16 @@ def _settings(res: SweepResults, guided: bool) -> list[dict]:
     return sorted((s for s in res.summary["settings"] if s["guided"] == guided), key=lambda s: s["window"])
 
 
-def _errorbar(ax, rows: list[dict], key: str, color: str, label: str, offset: float = 0.0, scale: float = 1.0) -> None:
-    """Means with asymmetric 95% interval bars against the window."""
+def errorbar_by_window(ax, rows: list[dict], key: str, color: str, label: str | None, offset: float = 0.0,
+                       scale: float = 1.0, **style) -> None:
+    """Settings' means of ``key`` with asymmetric 95% interval bars against the window (``style``: matplotlib overrides)."""
     if not rows:
         return
     k = np.array([r["window"] for r in rows], float) + offset
     mean = np.array([r[key]["mean"] for r in rows]) * scale
     lo = np.array([r[key]["ci95"][0] for r in rows]) * scale
     hi = np.array([r[key]["ci95"][1] for r in rows]) * scale
-    ax.errorbar(k, mean, yerr=[mean - lo, hi - mean], fmt="o-", color=color, label=label, capsize=3, ms=5, lw=1.5)
+    ax.errorbar(k, mean, yerr=[mean - lo, hi - mean], color=color, label=label, **{"fmt": "o-", "capsize": 3, "ms": 5, "lw": 1.5, **style})
 
 
 def window_table(res: SweepResults) -> list[dict]:
@@ -93,8 +94,8 @@ def plot_window_scores(res: SweepResults):
     is_guided = np.array(study["guided"])
 
     ax = axes[0]
-    _errorbar(ax, unguided, "normalized", UNGUIDED, "unguided")
-    _errorbar(ax, guided, "normalized", GUIDED, f"guided (scale {guided[0]['guidance_scale']:g})" if guided else "", offset=0.12)
+    errorbar_by_window(ax, unguided, "normalized", UNGUIDED, "unguided")
+    errorbar_by_window(ax, guided, "normalized", GUIDED, f"guided (scale {guided[0]['guidance_scale']:g})" if guided else "", offset=0.12)
     ax.plot(ks[~is_guided], np.array(study["normalized"])[~is_guided], "s--", color=STUDY, mfc="none", label="study (10 ep., no bars)")
     ax.plot(ks[is_guided], np.array(study["normalized"])[is_guided], "D", color=STUDY, mfc="none", label="study, guided")
     ax.set(xlabel="executed window k (actions per plan)", ylabel="return / data mean x 100", title="Normalized score (95% CI)")
@@ -103,14 +104,14 @@ def plot_window_scores(res: SweepResults):
     ax.legend(fontsize=7, loc="lower left")
 
     ax = axes[1]
-    _errorbar(ax, unguided, "value_rate", UNGUIDED, "unguided")
-    _errorbar(ax, guided, "value_rate", GUIDED, "guided", offset=0.12)
+    errorbar_by_window(ax, unguided, "value_rate", UNGUIDED, "unguided")
+    errorbar_by_window(ax, guided, "value_rate", GUIDED, "guided", offset=0.12)
     ax.plot(ks[~is_guided], np.array(study["value_rate"])[~is_guided], "s--", color=STUDY, mfc="none", label="study")
     ax.set(xlabel="executed window k", ylabel="reward per step / data's", title="Value rate (95% CI)")
 
     ax = axes[2]
-    _errorbar(ax, unguided, "fall_rate", UNGUIDED, "unguided", scale=100)
-    _errorbar(ax, guided, "fall_rate", GUIDED, "guided", offset=0.12, scale=100)
+    errorbar_by_window(ax, unguided, "fall_rate", UNGUIDED, "unguided", scale=100)
+    errorbar_by_window(ax, guided, "fall_rate", GUIDED, "guided", offset=0.12, scale=100)
     ax.set(xlabel="executed window k", ylabel="% of episodes", title="Falls before step 1000 (Wilson 95% CI)", ylim=(-3, 103))
     for ax in axes:
         ax.set_xticks(range(1, res.summary["horizon"] + 1))
@@ -137,11 +138,8 @@ def plot_episode_scatter(res: SweepResults, seed: int = 0):
         ax.scatter(k[~fell], ret[~fell], s=14, color=color, alpha=0.7, label=f"{name}, walked to the limit")
         ax.scatter(k[fell], ret[fell], s=22, color=color, marker="x", alpha=0.9, label=f"{name}, fell")
         # Each setting's mean with its 95% interval, beside its cloud of episodes.
-        rows = _settings(res, guided)
-        mean = np.array([r["return"]["mean"] for r in rows])
-        lo, hi = (np.array([r["return"]["ci95"][i] for r in rows]) for i in (0, 1))
-        ax.errorbar(np.array([r["window"] for r in rows]) + offset, mean, yerr=[mean - lo, hi - mean], fmt="_",
-                    color="k", ms=12, capsize=4, lw=1.8, zorder=3, label="mean, 95% CI" if guided else None)
+        errorbar_by_window(ax, _settings(res, guided), "return", "k", "mean, 95% CI" if guided else None, offset=offset,
+                           fmt="_", ms=12, capsize=4, lw=1.8, zorder=3)
     ax.axhline(ref["data_mean_return"], color="k", lw=1, ls=":", label="data mean return")
     ax.set(xlabel="executed window k (actions per plan)", ylabel="episode return",
            title=f"Every episode ({res.summary['episodes_per_setting']} per setting)")
@@ -173,8 +171,8 @@ def plot_drift(res: SweepResults):
     ax.legend(fontsize=7, ncol=2)
 
     ax = axes[1]
-    _errorbar(ax, _settings(res, False), "window_end_drift", UNGUIDED, "unguided")
-    _errorbar(ax, _settings(res, True), "window_end_drift", GUIDED, "guided", offset=0.12)
+    errorbar_by_window(ax, _settings(res, False), "window_end_drift", UNGUIDED, "unguided")
+    errorbar_by_window(ax, _settings(res, True), "window_end_drift", GUIDED, "guided", offset=0.12)
     ax.set(xlabel="executed window k", ylabel="RMS error at r = min(k, H-1)", title="Drift at the end of the executed window")
     ax.set_xticks(range(1, res.summary["horizon"] + 1))
     ax.legend(fontsize=8)

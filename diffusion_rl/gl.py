@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["GL_TIMEOUT_S", "RenderError", "check_gl", "probe_gl", "select_gl"]
+__all__ = ["GL_TIMEOUT_S", "INSTALL_HINT", "RenderError", "check_gl", "probe_gl", "select_gl"]
 
 GL_TIMEOUT_S = 60
 """A GL driver that hangs is reported after this many seconds rather than waited on."""
@@ -26,22 +26,29 @@ NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
 NVIDIA_EGL_VENDOR = Path("/usr/share/glvnd/egl_vendor.d/10_nvidia.json")
 """libglvnd finds NVIDIA's EGL through this file; Colab's GPU runtimes lack it."""
 
-APT_INSTALL = ["apt-get", "install", "-y", "-qq", "libegl1", "libgl1", "libegl-mesa0", "libosmesa6"]
-"""What :func:`select_gl` installs, as root, when no backend works and ``install=True``."""
-APT_UPDATE = ["apt-get", "update", "-qq"]
-
 _TRIVIAL_MODEL = "<mujoco><worldbody><geom size='0.1'/></worldbody></mujoco>"
 
 _gl_backend: str | None = None
 
 
+EGL_PACKAGES, OSMESA_PACKAGES = "libegl1 libgl1 libgles2 libegl-mesa0", "libosmesa6"
+"""Debian/Ubuntu packages for each backend."""
+
+APT_INSTALL = ["apt-get", "install", "-y", "-qq", *EGL_PACKAGES.split(), *OSMESA_PACKAGES.split()]
+"""What :func:`select_gl` installs, as root, when no backend works and ``install=True``."""
+APT_UPDATE = ["apt-get", "update", "-qq"]
+
+INSTALL_HINT = (f"install EGL with `sudo apt-get install {EGL_PACKAGES}`, or OSMesa with `sudo apt-get install "
+                f"{OSMESA_PACKAGES}` and MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa")
+"""What to install, in one line (the doctor's advice)."""
+
 _HOW_TO_RENDER = (
     "To render:\n"
     "  * EGL (headless; GPU drivers or Mesa software rendering), on Debian/Ubuntu:\n"
-    "      sudo apt-get install libegl1 libgl1 libgles2 libegl-mesa0\n"
+    f"      sudo apt-get install {EGL_PACKAGES}\n"
     "    and use MUJOCO_GL=egl (diffusion_rl's default when MUJOCO_GL is unset).\n"
     "  * or OSMesa (pure software, slower):\n"
-    "      sudo apt-get install libosmesa6\n"
+    f"      sudo apt-get install {OSMESA_PACKAGES}\n"
     "    and set MUJOCO_GL=osmesa and PYOPENGL_PLATFORM=osmesa.\n"
     "Set MUJOCO_GL before Python imports mujoco, e.g. `MUJOCO_GL=osmesa jupyter-book build .`,\n"
     "or `os.environ['MUJOCO_GL'] = 'osmesa'` in a notebook's first cell after restarting the kernel."

@@ -34,7 +34,7 @@ import os
 import queue
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -346,11 +346,16 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, command: str = "", p
     out = Path(out_dir)
     planner, settings, seeds, meta = _run_episodes(cfg, out, command, progress)
     t0 = time.perf_counter()
-    summary = analyse_sweep(out, planner, settings, seeds)
-    meta["runs"][-1]["analysis_wall_s"] = round(time.perf_counter() - t0, 1)
-    meta["files_sha256"] = result_hashes(out)
-    atomic_write_json(out / "sweep.json", meta)
+    summary = analyse_sweep(out, planner, settings, seeds)  # also records the result files' hashes in sweep.json
+    _update_record(out, lambda record: record["runs"][-1].update(analysis_wall_s=round(time.perf_counter() - t0, 1)))
     return summary
+
+
+def _update_record(out: Path, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to the folder's sweep.json, written back atomically."""
+    record = json.loads((out / "sweep.json").read_text())
+    change(record)
+    atomic_write_json(out / "sweep.json", record)
 
 
 RESULT_FILES = ("episodes.csv", "summary.json", "drift.csv", "shift.csv", "video_episodes.npz")
@@ -480,8 +485,8 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
     _write_csv(out / "shift.csv", shift_rows)
     atomic_write_json(out / "summary.json", summary)
     if (out / "sweep.json").is_file():  # keep the recorded hashes true to the files just written
-        meta = json.loads((out / "sweep.json").read_text())
-        atomic_write_json(out / "sweep.json", {**meta, "files_sha256": result_hashes(out)})
+        hashes = result_hashes(out)
+        _update_record(out, lambda record: record.update(files_sha256=hashes))
     return summary
 
 

@@ -11,7 +11,7 @@ import base64
 import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ __all__ = [
     "PLAN_END_RGBA",
     "RenderError",
     "check_gl",
+    "caption_frames",
     "episode_frames",
     "integrate_x",
     "plan_ghost_qpos",
@@ -290,19 +291,37 @@ def episode_frames(
     ghosts = np.full((len(steps), 2 if show_plan_end else 1, qpos.shape[1]), np.nan)
     # The plan in force at step t is the last one begun at or before t.
     in_force = np.searchsorted(plan_steps, steps, side="right") - 1
+    planned_by_plan: dict[int, np.ndarray] = {}
     for i, (t, j) in enumerate(zip(steps, in_force, strict=True)):
         if j < 0:
             continue  # no plan made yet
         start = plan_steps[j]
-        # Anchored at the real x where the plan began, so the ghost drifts from the walker
-        # exactly as far as the plan's velocities disagree with what really happened.
-        planned = plan_ghost_qpos(plans[j], x[start])
+        if j not in planned_by_plan:
+            # Anchored at the real x where the plan began, so the ghost drifts from the walker
+            # exactly as far as the plan's velocities disagree with what really happened.
+            planned_by_plan[j] = plan_ghost_qpos(plans[j], x[start])
+        planned = planned_by_plan[j]
         if t - start < horizon:
             ghosts[i, 0] = planned[t - start]
         if show_plan_end:
             ghosts[i, 1] = planned[-1]
     rgba = np.array([GHOST_RGBA, PLAN_END_RGBA])[: ghosts.shape[1]]
     return render_states(qpos, width=width, height=height, ghosts=ghosts, ghost_rgba=rgba)
+
+
+def caption_frames(frames: np.ndarray, text: str | Sequence[str], xy: tuple[int, int] = (8, 6), size: int = 16) -> np.ndarray:
+    """Write ``text`` (one for all frames, or one per frame) in white onto frames (T, H, W, 3), in place; returns them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    texts = [text] * len(frames) if isinstance(text, str) else list(text)
+    if len(texts) != len(frames):
+        raise ValueError(f"got {len(texts)} captions for {len(frames)} frames")
+    font = ImageFont.load_default(size=size)
+    for frame, caption in zip(frames, texts):
+        image = Image.fromarray(frame)
+        ImageDraw.Draw(image).text(xy, caption, fill="white", font=font)
+        frame[:] = np.asarray(image)
+    return frames
 
 
 def rollout_frames(

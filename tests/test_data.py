@@ -24,6 +24,7 @@ from diffusion_rl.data import (
     load_dataset,
     load_episodes,
     local_dataset_path,
+    sample_states,
     validate_dataset_id,
 )
 
@@ -94,6 +95,17 @@ def test_batch_matches_getitem():
     for j, i in enumerate(idx.tolist()):
         assert torch.equal(b.trajectory[j], w[i].trajectory)
         assert torch.equal(b.value[j], w[i].value)
+
+
+def test_sample_states_returns_states_with_their_real_futures():
+    episodes = [synthetic_episode(12, False, start=0.0), synthetic_episode(30, True, start=1000.0)]
+    states, futures = sample_states(episodes, 50, horizon=4, seed=3)
+    assert states.shape == (50, 3) and futures.shape == (50, 4, 3)
+    assert np.array_equal(states, futures[:, 0])
+    # obs[t] = start + t: each future counts up by one from its state, inside one episode.
+    assert np.array_equal(futures[..., 0] - states[:, None, 0], np.tile(np.arange(4), (50, 1)))
+    again, _ = sample_states(episodes, 50, horizon=4, seed=3)
+    assert np.array_equal(states, again) and not np.array_equal(states, sample_states(episodes, 50, 4, seed=4)[0])
 
 
 def test_bad_horizon_and_empty():

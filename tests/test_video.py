@@ -368,3 +368,13 @@ def test_pose_strip_joins_cropped_poses_and_draws_ghosts(gl: str) -> None:
     bent = obs.copy()
     bent[:, 2:8] = 0.5
     assert (video.pose_strip(obs, bent, every=2, width=64, height=48, rows=(4, 44)) != plain).any()
+
+
+def test_caption_frames_writes_one_or_per_frame_text_in_place() -> None:
+    frames = np.zeros((3, 40, 120, 3), np.uint8)
+    out = video.caption_frames(frames, "k = 8")
+    assert out is frames and all(f.max() == 255 for f in frames) and np.array_equal(frames[0], frames[2])
+    each = video.caption_frames(np.zeros((2, 40, 120, 3), np.uint8), ["a", "bbbbbb"])
+    assert not np.array_equal(each[0], each[1])
+    with pytest.raises(ValueError, match="2 captions for 3 frames"):
+        video.caption_frames(frames, ["a", "b"])
