@@ -8,14 +8,87 @@ Every mean carries its 95% bootstrap interval; every fall rate its Wilson interv
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from diffusion_rl.sweep import SweepResults
 
-__all__ = ["errorbar_by_window", "plot_drift", "plot_episode_scatter", "plot_shift", "plot_window_scores", "window_table", "window_table_html"]
+__all__ = ["WindowCurve", "errorbar_by_window", "plot_window_curves", "study_curves", "sweep_curves", "plot_drift", "plot_episode_scatter", "plot_shift", "plot_window_scores", "window_table", "window_table_html"]
 
 UNGUIDED, GUIDED, STUDY = "#1f77b4", "#d62728", "#7f7f7f"
+
+
+@dataclass(frozen=True)
+class WindowCurve:
+    """One method's normalized score against the executed window k: a line of the landing page's picture."""
+
+    label: str
+    """Legend entry."""
+    windows: tuple[int, ...]
+    """Executed windows k (actions run per plan before replanning)."""
+    scores: tuple[float, ...]
+    """Mean return as a percentage of the training data's mean return, one per window."""
+    ci95: tuple[tuple[float, float], ...] | None = None
+    """95% interval per window, or None where the source reports none (the study)."""
+    color: str | None = None
+    marker: str = "o"
+    linestyle: str = "-"
+
+
+def study_curves(study: dict | None = None) -> list[WindowCurve]:
+    """The study's Fig. 1 as curves (its window w is k = w + 1): unguided, and its one guided setting."""
+    from diffusion_rl.analysis import STUDY_TABLE
+
+    t = study or STUDY_TABLE
+    curves = []
+    for guided, label, marker, ls in ((False, "study (10 episodes, no intervals)", "s", "--"), (True, "study, guided", "D", "none")):
+        idx = [i for i, g in enumerate(t["guided"]) if g == guided]
+        curves.append(WindowCurve(label, tuple(t["executed_actions"][i] for i in idx), tuple(t["normalized"][i] for i in idx),
+                                  color=STUDY, marker=marker, linestyle=ls))
+    return curves
+
+
+def sweep_curves(summary: dict, label: str = "this replication") -> list[WindowCurve]:
+    """A sweep's ``summary.json`` as curves with 95% bootstrap intervals: unguided, and guided where it ran any."""
+    curves = []
+    for guided, color in ((False, UNGUIDED), (True, GUIDED)):
+        rows = sorted((s for s in summary["settings"] if s["guided"] == guided), key=lambda s: s["window"])
+        if rows:
+            name = f"{label}, guided (scale {rows[0]['guidance_scale']:g})" if guided else label
+            curves.append(WindowCurve(name, tuple(r["window"] for r in rows), tuple(r["normalized"]["mean"] for r in rows),
+                                      tuple(tuple(r["normalized"]["ci95"]) for r in rows), color=color))
+    return curves
+
+
+def plot_window_curves(curves: Sequence[WindowCurve], horizon: int = 8, ax=None):
+    """The whole story in one picture: every method's score against the executed window k, side by side.
+
+    Curves with intervals are drawn with bars and nudged sideways a little so that bars at the same k
+    do not hide each other. Later chapters' methods join by appending their :class:`WindowCurve`.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.5, 4.2))
+    with_bars = [c for c in curves if c.ci95 is not None]
+    for c in curves:
+        k = np.asarray(c.windows, float)
+        mean = np.asarray(c.scores, float)
+        style = {"color": c.color, "marker": c.marker, "linestyle": c.linestyle, "label": c.label, "ms": 5, "lw": 1.5}
+        if c.ci95 is None:
+            ax.plot(k, mean, mfc="none", **style)
+            continue
+        k = k + 0.1 * (with_bars.index(c) - (len(with_bars) - 1) / 2)
+        lo, hi = np.asarray(c.ci95, float).T
+        ax.errorbar(k, mean, yerr=[mean - lo, hi - mean], capsize=3, **style)
+    ax.axhline(100, color="black", lw=0.8, alpha=0.5)
+    ax.set(xlabel="executed window k (plan actions run before replanning)", ylabel="score, % of the data's mean return",
+           xticks=range(1, horizon + 1), title="Score against the executed window k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
 
 
 def _settings(res: SweepResults, guided: bool) -> list[dict]:
