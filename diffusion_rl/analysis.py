@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 STUDY_TABLE = {
-    "source": "the study (shared/seed), Fig. 1: 10 episodes per setting, no error bars; its 'window w' executes w + 1 actions per plan",
+    "source": "Hu, Wang and Liu (2024), Reinforcement Learning with Diffusion, project report, Tulane University, https://github.com/yibhu/Generative-RL; Fig. 1: 10 episodes per setting, no error bars; its 'window w' executes w + 1 actions per plan",
     "study_window": [1, 2, 3, 4, 5, 6, 7, 7],
     "executed_actions": [2, 3, 4, 5, 6, 7, 8, 8],
     "guided": [False] * 7 + [True],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
@@ -64,7 +63,9 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def _command_line() -> str:
-    return "python -m diffusion_rl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from diffusion_rl.runtime import portable_command
+
+    return portable_command(sys.argv[1:])  # recorded in shipped sidecars: no machine paths
 
 
 # ----------------------------------------------------------------------------- subcommands

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from diffusion_rl.checkpoint import (
     sha256_file,
 )
 from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, make_env
-from diffusion_rl.runtime import StopOnSignal, torch_threads
+from diffusion_rl.runtime import StopOnSignal, portable_command, torch_threads
 
 __all__ = [
     "EVAL_SEEDS",
@@ -531,7 +530,7 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
         "obs_dim": obs_dim,
         "act_dim": act_dim,
         "hidden": cfg.hidden,
-        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command or portable_command(sys.argv[1:], program=Path(sys.argv[0]).name),
         "train_command": _train_command(cfg),
         "seed": cfg.seed,
         "env_steps": int(state["step"]),

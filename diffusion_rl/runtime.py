@@ -8,12 +8,33 @@ therefore run their policy inside ``torch_threads(1)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shlex
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-__all__ = ["StopOnSignal", "pick_device", "torch_threads"]
+__all__ = ["StopOnSignal", "pick_device", "portable_command", "torch_threads"]
+
+
+def _portable_arg(arg: str, cwd: Path) -> str:
+    """One argument with its absolute path, if any, made relative to ``cwd`` or cut to its last two parts."""
+    opt, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+    if not os.path.isabs(value):
+        return arg
+    path = Path(value)
+    if path.is_relative_to(cwd):
+        return opt + eq + (path.relative_to(cwd).as_posix() or ".")
+    # Outside the working tree the folder says nothing to another machine; keep what names the file.
+    return opt + eq + "/".join(["...", *path.parts[-2:]])
+
+
+def portable_command(args: Sequence[str], program: str = "python -m diffusion_rl", cwd: str | os.PathLike | None = None) -> str:
+    """The command line recorded in shipped files: no absolute paths or home folders of the machine that ran it."""
+    here = Path(cwd or os.getcwd()).resolve()
+    return " ".join([program, *(shlex.quote(_portable_arg(a, here)) for a in args)])
 
 
 @contextmanager
