@@ -62,13 +62,14 @@ GHOST_RGBA = (0.3, 0.6, 1.0, 0.35)
 PLAN_END_RGBA = (0.3, 0.6, 1.0, 0.15)
 """Fainter colour for the last pose of a plan, where the planner means to be at its horizon."""
 
-# Side view of the gymnasium Walker2d default camera (distance 4, elevation -20, look at
-# z = 1.15), but re-centred on the torso each frame: a planned trajectory can jump, and a
-# smoothed MuJoCo tracking camera would lag behind it.
-_CAM_DISTANCE = 3.0
-_CAM_ELEVATION = -20.0
+# Side view like the gymnasium Walker2d default camera (distance 4, elevation -20, look at
+# z = 1.15), but closer, so that a standing walker is over 150 px tall in a 240-px frame shown
+# at its native size, and re-centred on the torso each frame: a planned trajectory can jump, and
+# a smoothed MuJoCo tracking camera would lag behind it.
+_CAM_DISTANCE = 2.4
+_CAM_ELEVATION = -12.0
 _CAM_AZIMUTH = 90.0
-_CAM_LOOKAT_Z = 1.0
+_CAM_LOOKAT_Z = 0.7
 
 def qpos_from_observation(obs: np.ndarray, x: np.ndarray | float = 0.0) -> np.ndarray:
     """Rebuild Walker2d qpos (..., 9) from observations (..., 17) and the root x they omit."""
@@ -206,15 +207,16 @@ def plan_ghost_qpos(plan_observations: np.ndarray, x0: float) -> np.ndarray:
 
 def plan_strip(
     observations: np.ndarray,
-    spacing: float = 0.7,
-    width: int = 640,
-    height: int = 240,
+    spacing: float = 0.45,
+    width: int = 720,
+    height: int = 280,
     ghost_rgba: tuple[float, ...] = (0.3, 0.6, 1.0, 0.6),
 ) -> np.ndarray:
     """Plans' poses side by side, ``spacing`` metres apart: observations (..., H, 17) -> frames (..., height, width, 3).
 
     The first pose (the real, conditioning state) is drawn solid and the planned ones as ghosts,
     from a fixed side camera that frames the whole row, so strips of different plans compare.
+    Neighbouring poses overlap a little: that keeps each walker over 150 px tall at 720 px wide.
     """
     import mujoco
 
@@ -225,8 +227,12 @@ def plan_strip(
     poses = qpos_from_observation(obs, spacing * np.arange(horizon)).reshape(-1, horizon, 9)
     camera = mujoco.MjvCamera()
     camera.type = mujoco.mjtCamera.mjCAMERA_FREE
-    camera.distance, camera.azimuth, camera.elevation = 3.6, 90.0, -5.0
-    camera.lookat[:] = (spacing * (horizon - 1) / 2, 0.0, 0.7)
+    # Frame the row: 1.8 m of height (a standing walker is 1.45 m) or the row's length, whichever
+    # needs the camera further back; MuJoCo's vertical field of view is 45 degrees.
+    row = spacing * (horizon - 1) + 1.0
+    camera.distance = max(row * height / width, 1.8) / (2 * np.tan(np.radians(22.5)))
+    camera.azimuth, camera.elevation = 90.0, -5.0
+    camera.lookat[:] = (spacing * (horizon - 1) / 2, 0.0, 0.75)
     frames = render_states(poses[:, 0], ghosts=poses[:, 1:], ghost_rgba=ghost_rgba, camera=camera, width=width, height=height)
     return frames.reshape(*lead, height, width, 3)
 
@@ -235,9 +241,9 @@ def pose_strip(
     observations: np.ndarray,
     ghost_observations: np.ndarray | None = None,
     every: int = 1,
-    width: int = 220,
+    width: int = 180,
     height: int = 240,
-    rows: tuple[int, int] = (35, 215),
+    rows: tuple[int, int] = (6, 234),
 ) -> np.ndarray:
     """Every ``every``-th pose of a window (H, 17) side by side in one image, optionally with a second window as ghosts.
 
