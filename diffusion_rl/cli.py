@@ -124,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from diffusion_rl.evaluation import evaluate
 
-    planner = _load_planner(args)
+    planner = _load_planner(args).with_options(guide_placement=args.guide_placement, clip_actions=args.clip_actions)
     summary = evaluate(
         planner, window=args.window, guidance_scale=args.guidance_scale, n_samples=args.samples,
         seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=args.ddim_steps,
@@ -158,6 +158,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for name, t in summary["trend"].items():
         print(f"trend ({name}): Spearman rho {t['spearman_rho']:+.3f}, permutation p = {t['p_value']:.4f}, slope {t['slope']:+.2f} points per window")
     print(f"results: {args.out}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusion_rl.studies import run_study
+
+    summary = run_study(args.name, args.out, command=_command_line(), progress=not args.no_progress)
+    for s in summary["settings"]:
+        lo, hi = s["normalized"]["ci95"]
+        print(f"{s['name']:<22} {s['normalized']['mean']:6.1f}% [{lo:6.1f}, {hi:6.1f}]  falls {s['falls']:>2}/{s['episodes']}")
+    for c in summary["comparisons"]:
+        d = c.get("normalized")
+        if d:
+            print(f"{c['treatment']} - {c['baseline']}: {d['mean']:+.1f} points {json.dumps([round(v, 1) for v in d['ci95']])}")
     return 0
 
 
@@ -227,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-guidance scale kappa (default: unguided)")
     p.add_argument("--samples", type=int, default=1, help="plans per replanning; >1 keeps the best by value (default: 1)")
     p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")
+    p.add_argument("--guide-placement", choices=["after", "before"], default="after",
+                   help="guide each reverse step's result (after, the study's notebook) or x_t before the step (before, Diffuser's code) (default: after)")
+    p.add_argument("--clip-actions", action="store_true", help="keep planned actions inside [-1, 1] while sampling, not only when executed")
     p.add_argument("--episodes", type=int, default=20, help="episodes (default: 20)")
     p.add_argument("--first-seed", type=int, default=10_000, help="reset seed of the first episode (default: 10000)")
     p.add_argument("--max-steps", type=int, default=1000, help="episode length limit (default: 1000)")
@@ -252,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_dataclass_args(p, SweepConfig)
     p.set_defaults(func=cmd_sweep)
+
+    from diffusion_rl.studies import STUDIES
+
+    p = sub.add_parser("study", help="a closed-loop study on seeds 10000-10029 (settings tuned on 20000-20029), results with 95%% CIs")
+    p.add_argument("name", choices=sorted(STUDIES), help="which study: " + ", ".join(f"{k} (ships in diffusion_rl/assets/{v.folder})" for k, v in STUDIES.items()))
+    p.add_argument("--out", default=None, help="results folder (default: the study's shipped folder); rerun to resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("benchmark", help="training and planning speed on this machine, as ratios to the reference figures")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")

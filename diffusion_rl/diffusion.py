@@ -29,6 +29,7 @@ from diffusion_rl.models import TemporalUnet, ValueNet
 __all__ = [
     "GaussianDiffusion",
     "Guide",
+    "GuidePlacement",
     "NoiseSchedule",
     "Sample",
     "condition",
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 ScheduleKind = Literal["cosine", "linear"]
+ActionBounds = tuple[torch.Tensor, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -99,6 +101,20 @@ class NoiseSchedule(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32), persistent=False)
+        self._alpha_bar64 = abar  # float64, for the variance of a DDIM jump (step_variance)
+
+    def step_variance(self, t: int, t_next: int) -> float:
+        """Variance of q(tau^{t_next} | tau^t, tau^0) for a reverse step from level t to t_next < t (-1: clean).
+
+        For t_next = t - 1 it is the one-step posterior variance; for a DDIM jump over several levels
+        it is the same Gaussian conditioning across the jump (DDIM's eta = 1 variance).
+        """
+        if not 0 <= t < self.n_timesteps or not -1 <= t_next < t:
+            raise ValueError(f"Need 0 <= t < {self.n_timesteps} and -1 <= t_next < t, got t={t}, t_next={t_next}.")
+        if t_next == t - 1:
+            return float(self.posterior_variance[t])
+        abar_t, abar_next = self._alpha_bar64[t], (self._alpha_bar64[t_next] if t_next >= 0 else 1.0)
+        return float((1 - abar_next) / (1 - abar_t) * (1 - abar_t / abar_next))
 
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) at every t, shape (T,)."""
@@ -131,13 +147,26 @@ def condition(x: torch.Tensor, state: torch.Tensor, action_dim: int) -> torch.Te
     return x
 
 
+GuidePlacement = Literal["after", "before"]
+
+
 @dataclass
 class Guide:
-    """Classifier guidance: after each reverse step, ``tau <- tau + scale * grad_tau V(tau, t)``.
+    """Classifier guidance: nudge the trajectory along ``scale * grad_tau V(tau, t)`` at every reverse step.
 
-    ``scale`` is the guidance scale kappa; ``n_steps`` gradient steps are taken per reverse step;
-    no guidance in the last ``t_stopgrad`` steps (t < t_stopgrad); ``scale_by_variance`` multiplies
-    the gradient by the posterior variance of that step (Diffuser's code; the study does not).
+    ``placement`` says where the nudge goes:
+
+    * ``"after"`` (the study's notebook, this library's default): take the reverse step, then push
+      the new, less noisy ``x`` (now at the next level) and score it at that level. With
+      ``t_stopgrad = 0`` the finished plan gets one last push that no denoising step repairs.
+    * ``"before"`` (jannerm/diffuser's code): push ``x_t`` at its own level ``t``, then take the
+      reverse step from the pushed point, so the denoiser always has the last word.
+
+    ``scale`` is the guidance scale kappa; ``n_steps`` gradient steps are taken per reverse step; no
+    guidance in the sampler's last ``t_stopgrad`` reverse steps (DDPM or DDIM steps alike: for DDPM
+    that is every step from a level t < t_stopgrad); ``scale_by_variance`` multiplies the gradient by
+    the variance of q(tau^{t'} | tau^t, tau^0) for the step being taken from t to t' (for DDPM the
+    one-step posterior variance, Diffuser's code; the study does not scale).
     """
 
     value: ValueNet
@@ -145,12 +174,17 @@ class Guide:
     n_steps: int = 1
     t_stopgrad: int = 0
     scale_by_variance: bool = False
+    placement: GuidePlacement = "after"
 
     def __post_init__(self):
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"The guidance scale must be a finite number >= 0, got {self.scale!r}.")
         if not isinstance(self.n_steps, int) or self.n_steps < 1:
             raise ValueError(f"n_steps must be a positive integer, got {self.n_steps!r}.")
+        if not isinstance(self.t_stopgrad, int) or self.t_stopgrad < 0:
+            raise ValueError(f"t_stopgrad must be an integer >= 0, got {self.t_stopgrad!r}.")
+        if self.placement not in ("after", "before"):
+            raise ValueError(f"Guidance placement must be 'after' or 'before', got {self.placement!r}.")
 
     def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """dV/dx at x; the value network's parameters get no gradient."""
@@ -174,6 +208,11 @@ class Sample(NamedTuple):
 
 # ----------------------------------------------------------------------------- diffusion model
 
+MAX_EPS_AMPLIFICATION = 1e5
+"""Largest 1 / sqrt(alpha_bar) accepted with epsilon-prediction (cosine: 406 at T = 20, 2.0e4 at T = 1000;
+linear: 1.3e5 at T = 20, where the rescaled betas reach the 0.999 cap, refused)."""
+
+
 
 class GaussianDiffusion(nn.Module):
     """A denoiser with its noise schedule: the training loss and the conditioned samplers."""
@@ -196,6 +235,13 @@ class GaussianDiffusion(nn.Module):
         self.predict_epsilon = predict_epsilon
         self.clip_denoised = clip_denoised
         self.schedule = NoiseSchedule(n_timesteps, schedule)
+        amplification = 1 / math.sqrt(float(self.schedule._alpha_bar64[-1]))
+        if predict_epsilon and amplification > MAX_EPS_AMPLIFICATION:
+            raise ValueError(
+                f"epsilon-prediction with the {schedule} schedule at T = {n_timesteps} divides by sqrt(alpha_bar) = "
+                f"{1 / amplification:.1e} at the noisiest level, so every unit of noise error becomes {amplification:.0e} units of "
+                "tau^0 error; predict tau^0 instead (the default), or use the cosine schedule or more steps."
+            )
         # Per-entry loss weights: the first action counts `action_weight` times (Diffuser), and the
         # conditioned first state is not learned at all: it is given to the model, never predicted.
         weights = torch.ones(self.horizon, self.transition_dim)
@@ -215,15 +261,20 @@ class GaussianDiffusion(nn.Module):
 
     # -- the reverse step
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's estimate of tau^0 from tau^t (clipped if ``clip_denoised``)."""
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, action_bounds: ActionBounds | None = None) -> torch.Tensor:
+        """The network's estimate of tau^0 from tau^t (clipped if ``clip_denoised``; actions kept
+        inside ``action_bounds`` = (low, high), each (act_dim,) in normalized units, when given)."""
         out = self.model(x_t, t)
         x0 = self.schedule.x0_from_eps(x_t, t, out) if self.predict_epsilon else out
-        return x0.clamp(-self.clip_denoised, self.clip_denoised) if self.clip_denoised else x0
+        x0 = x0.clamp(-self.clip_denoised, self.clip_denoised) if self.clip_denoised else x0
+        if action_bounds is not None:
+            low, high = action_bounds
+            x0 = torch.cat([torch.maximum(torch.minimum(x0[..., : self.action_dim], high), low), x0[..., self.action_dim:]], -1)
+        return x0
 
-    def p_mean_log_variance(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def p_mean_log_variance(self, x_t: torch.Tensor, t: torch.Tensor, action_bounds: ActionBounds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(tau^{t-1} | tau^t): the posterior q around the predicted tau^0."""
-        return self.schedule.q_posterior(self.predict_x0(x_t, t), x_t, t)
+        return self.schedule.q_posterior(self.predict_x0(x_t, t, action_bounds), x_t, t)
 
     # -- sampling (Algorithm 1.2)
 
@@ -241,12 +292,15 @@ class GaussianDiffusion(nn.Module):
         guide: Guide | None = None,
         ddim_steps: int | None = None,
         return_chain: bool = False,
+        action_bounds: ActionBounds | None = None,
     ) -> Sample:
         """Sample plans that start at ``state`` (B, obs_dim), normalized.
 
         Randomness comes from ``noise`` (see :meth:`sample_noise`) or else from ``generator``, so a
         seed gives the same plans, with or without guidance. ``ddim_steps`` switches to the
         deterministic DDIM sampler (Song et al. 2021) on that many evenly spaced levels.
+        ``action_bounds`` keeps every predicted tau^0's actions in range, so the denoiser's later
+        steps (and the plan's states) follow the actions the environment will really apply.
         """
         B = state.shape[0]
         n_steps = self.n_timesteps if ddim_steps is None else ddim_steps
@@ -260,17 +314,22 @@ class GaussianDiffusion(nn.Module):
 
         x = condition(noise[0].clone(), state, self.action_dim)
         chain = [x.clone()] if return_chain else None
-        levels = self._levels(ddim_steps)
+        levels = self.levels(ddim_steps)
         for i, t_int in enumerate(levels):
+            t_next = levels[i + 1] if i + 1 < len(levels) else -1  # the level x reaches; -1 is the clean plan
+            guided = guide is not None and i < len(levels) - guide.t_stopgrad
+            if guided and guide.placement == "before":
+                x = self._guide(x, t_int, self.schedule.step_variance(t_int, t_next), guide, state)
             t = torch.full((B,), t_int, device=state.device, dtype=torch.long)
             if ddim_steps is None:
-                mean, log_var = self.p_mean_log_variance(x, t)
+                mean, log_var = self.p_mean_log_variance(x, t, action_bounds)
                 x = mean + (t_int > 0) * torch.exp(0.5 * log_var) * noise[i + 1]
             else:
-                x = self._ddim_step(x, t, levels[i + 1] if i + 1 < len(levels) else -1)
+                x = self._ddim_step(x, t, t_next, action_bounds)
             condition(x, state, self.action_dim)
-            if guide is not None:
-                x = self._guide(x, t_int, guide, state)
+            if guided and guide.placement == "after":
+                # The value net knows no clean level: a finished plan is scored as level 0.
+                x = self._guide(x, max(t_next, 0), self.schedule.step_variance(t_int, t_next), guide, state)
             if return_chain:
                 chain.append(x.clone())
 
@@ -279,27 +338,29 @@ class GaussianDiffusion(nn.Module):
             values = guide.value(x, torch.zeros(B, device=x.device, dtype=torch.long))
         return Sample(x, torch.stack(chain) if return_chain else None, values)
 
-    def _levels(self, ddim_steps: int | None) -> list[int]:
+    def levels(self, ddim_steps: int | None = None) -> list[int]:
+        """The levels the sampler steps from, noisiest first: every level (DDPM), or ``ddim_steps``
+        evenly spaced ones from T - 1 down to 0 (a single DDIM step jumps from T - 1 straight to the clean plan)."""
         if ddim_steps is None:
             return list(range(self.n_timesteps - 1, -1, -1))
+        if ddim_steps == 1:  # linspace(0, T - 1, 1) is [0]: pure noise would be labelled as almost clean
+            return [self.n_timesteps - 1]
         return sorted({int(round(v)) for v in np.linspace(0, self.n_timesteps - 1, ddim_steps)}, reverse=True)
 
-    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: int) -> torch.Tensor:
+    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: int, action_bounds: ActionBounds | None = None) -> torch.Tensor:
         """Deterministic DDIM update (eta = 0) from level t to level t_next (-1: the clean sample)."""
-        x0 = self.predict_x0(x, t)
+        x0 = self.predict_x0(x, t, action_bounds)
         eps = self.schedule.eps_from_x0(x, t, x0)
         abar_next = self.schedule.alpha_bar[t_next] if t_next >= 0 else torch.ones((), device=x.device)
         return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
 
-    def _guide(self, x: torch.Tensor, t_int: int, guide: Guide, state: torch.Tensor) -> torch.Tensor:
-        """Apply guidance after the reverse step from level t_int, so x is now at level t_int - 1."""
-        if t_int < guide.t_stopgrad:
-            return x
-        level = torch.full((x.shape[0],), max(t_int - 1, 0), device=x.device, dtype=torch.long)
+    def _guide(self, x: torch.Tensor, level: int, variance: float, guide: Guide, state: torch.Tensor) -> torch.Tensor:
+        """Push x, which sits at noise ``level``, up the value gradient (scored at that level); re-condition after each push."""
+        t = torch.full((x.shape[0],), level, device=x.device, dtype=torch.long)
         for _ in range(guide.n_steps):
-            grad = guide.gradient(x, level)
+            grad = guide.gradient(x, t)
             if guide.scale_by_variance:
-                grad = grad * self.schedule.posterior_variance[t_int]
+                grad = grad * variance
             x = condition(x + guide.scale * grad, state, self.action_dim)
         return x
 

@@ -50,7 +50,9 @@ def evaluate(
     reference = planner.meta.get("dataset", {}).get("mean_return")
     out = summarize(results, reference)
     if guidance_scale is not None:
-        out["guide"] = {"n_steps": planner.n_guide_steps, "t_stopgrad": planner.t_stopgrad, "scale_by_variance": planner.scale_by_variance}
+        out["guide"] = planner.guide_settings()
+    if planner.clip_actions:
+        out["clip_actions"] = True
     if ddim_steps is not None or n_samples > 1:
         out.update(ddim_steps=ddim_steps, n_samples=n_samples)
     out["wall_time_s"] = round(time.perf_counter() - t0, 1)

@@ -43,14 +43,15 @@ import numpy as np
 
 from diffusion_rl.analysis import (
     STUDY_TABLE,
-    bootstrap_ci,
     nearest_data_distance,
     paired_difference,
     plan_drift,
     trend_test,
+    within_seed_trend_test,
     wilson_ci,
 )
 from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from diffusion_rl.experiment import D4RL_WALKER2D, mean_ci, references, scores, shipped_planner
 from diffusion_rl.planner import EpisodeResult, Planner, check_guidance_scale, rollout
 
 __all__ = [
@@ -73,9 +74,6 @@ __all__ = [
 
 SHIPPED = Path(__file__).parent / "assets" / "window_sweep"
 """The full sweep's result files, as shipped with the package (the book reads these)."""
-
-D4RL_WALKER2D = {"random": 1.629008, "expert": 4592.3}
-"""D4RL's walker2d reference returns (d4rl/infos.py), for scores comparable with published tables."""
 
 STEADY_SKIP = 50
 """Steps ignored at the start of an episode (the walker gets going) when measuring steady walking."""
@@ -188,9 +186,7 @@ def load_sweep_planner(cfg: SweepConfig) -> tuple[Planner, dict]:
         files = {"diffuser": cfg.diffuser, "value": cfg.value}
         ident = {k: (sha256_file(_checkpoint_file(v)) if v else None) for k, v in files.items()}
         return planner, {"source": files, "sha256": ident}
-    planner = pretrained.load(cfg.planner, device="cpu")
-    sha = {part: pretrained.read_sidecar(pretrained.asset_path(cfg.planner, part))["sha256"] for part in ("diffuser", "value")}
-    return planner, {"source": {"planner": cfg.planner}, "sha256": sha}
+    return shipped_planner(cfg.planner)
 
 
 def _checkpoint_file(run: str) -> Path:
@@ -299,7 +295,7 @@ def _run_episodes(cfg: SweepConfig, out: Path, command: str, progress: bool) -> 
     spec = {
         "settings": [[s.window, s.guidance_scale] for s in settings], "seeds": seeds, "max_steps": cfg.max_steps,
         "ddim_steps": cfg.ddim_steps or None, "planner": ident,
-        "guide": {"n_steps": planner.n_guide_steps, "t_stopgrad": planner.t_stopgrad, "scale_by_variance": planner.scale_by_variance},
+        "guide": planner.guide_settings(),
     }
     meta_path = out / "sweep.json"
     meta = {"spec": spec, "config": asdict(cfg), "runs": []}
@@ -379,37 +375,6 @@ def check_result_hashes(path: Path, meta: dict) -> None:
 # ----------------------------------------------------------------------------- analysis
 
 
-def _references(planner: Planner) -> dict:
-    """The normalizers: the data's mean return and reward per step, and random/expert returns."""
-    from diffusion_rl.evaluation import dataset_reference
-
-    data = planner.meta.get("dataset") or dataset_reference(planner.meta["config"]["dataset_id"])
-    return {
-        "dataset_id": data["dataset_id"], "data_mean_return": data["mean_return"], "data_reward_per_step": data["reward_per_step"],
-        "random_return": data.get("ref_min_score"), "expert_return": data.get("ref_max_score"),
-        "d4rl_random_return": D4RL_WALKER2D["random"], "d4rl_expert_return": D4RL_WALKER2D["expert"],
-    }
-
-
-def _scores(ret: float, length: int, ref: dict) -> dict:
-    """One return in every normalization the book shows."""
-    out = {
-        "normalized": 100 * ret / ref["data_mean_return"],
-        "value_rate": (ret / max(length, 1)) / ref["data_reward_per_step"],
-        "d4rl_normalized_d4rl_refs": 100 * (ret - ref["d4rl_random_return"]) / (ref["d4rl_expert_return"] - ref["d4rl_random_return"]),
-    }
-    if ref["random_return"] is not None and ref["expert_return"] is not None:
-        out["d4rl_normalized"] = 100 * (ret - ref["random_return"]) / (ref["expert_return"] - ref["random_return"])
-    return out
-
-
-def _mean_ci(values: Sequence[float]) -> dict:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return {"mean": None, "ci95": [None, None]}
-    return {"mean": float(np.mean(values)), "ci95": list(bootstrap_ci(values))}
-
-
 def _data_states(planner: Planner) -> np.ndarray:
     from diffusion_rl.data import load_episodes
 
@@ -420,7 +385,7 @@ def _data_states(planner: Planner) -> np.ndarray:
 def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequence[Setting], seeds: Sequence[int]) -> dict:
     """Read a finished sweep's episodes and write episodes.csv, summary.json, drift.csv, shift.csv, video_episodes.npz."""
     out = Path(out_dir)
-    ref = _references(planner)
+    ref = references(planner)
     scale = planner.obs_normalizer.scale
     H = planner.horizon
     data_states = _data_states(planner)
@@ -439,7 +404,7 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
             rows.append({
                 "setting": s.label, "window": s.window, "guided": s.guided, "guidance_scale": s.guidance_scale, "seed": e.seed,
                 "return": round(e.total_return, 3), "length": e.length, "fell": e.fell, "diverged": e.diverged,
-                **{k: round(v, 5) for k, v in _scores(e.total_return, e.length, ref).items()},
+                **{k: round(v, 5) for k, v in scores(e.total_return, e.length, ref).items()},
                 "window_end_drift": _round(_finite_mean(dr[:, end])),
                 "nn_distance_steady": _round(_finite_mean(d[steady])),
                 "nn_distance_max": _round(float(np.nanmax(d))),
@@ -450,11 +415,11 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
         # Drift by offset r, one value per episode (its mean over plans), then an interval over episodes.
         for r in range(1, min(s.window, H - 1) + 1):
             per_episode = [float(np.nanmean(dr[:, r - 1])) for dr in drifts if np.isfinite(dr[:, r - 1]).any()]
-            drift_rows.append({"setting": s.label, "window": s.window, "guided": s.guided, "offset": r, **_flat(_mean_ci(per_episode)), "episodes": len(per_episode)})
+            drift_rows.append({"setting": s.label, "window": s.window, "guided": s.guided, "offset": r, **_flat(mean_ci(per_episode)), "episodes": len(per_episode)})
         own = rows[-len(eps):]  # this setting's rows, just appended
         steady_nn = [r["nn_distance_steady"] for r in own]
         shift_rows.append({"setting": s.label, "window": s.window, "guided": s.guided, "metric": "nn_distance", "phase": "steady",
-                           "steps_before_fall": "", **_flat(_mean_ci(steady_nn)), "episodes": len(steady_nn)})
+                           "steps_before_fall": "", **_flat(mean_ci(steady_nn)), "episodes": len(steady_nn)})
         summary_settings.append(_setting_summary(s, own))
 
     # Just before falls, pooled over every setting (falls are too few per setting for a profile each).
@@ -468,7 +433,7 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
             if len(col) < 2:
                 continue
             shift_rows.append({"setting": "all falls", "window": "", "guided": "", "metric": metric, "phase": "before_fall",
-                               "steps_before_fall": d if metric == "nn_distance" else d * H, **_flat(_mean_ci(col)), "episodes": len(col)})
+                               "steps_before_fall": d if metric == "nn_distance" else d * H, **_flat(mean_ci(col)), "episodes": len(col)})
 
     summary = {
         "references": ref, "episodes_per_setting": len(seeds), "seeds": [seeds[0], seeds[-1]], "horizon": H,
@@ -555,13 +520,13 @@ def _before_end(values: np.ndarray, n: int) -> np.ndarray:
 def _setting_summary(s: Setting, rows: list[dict]) -> dict:
     falls = sum(r["fell"] for r in rows)
     out = {"setting": s.label, "window": s.window, "guided": s.guided, "guidance_scale": s.guidance_scale, "episodes": len(rows),
-           "return": _mean_ci([r["return"] for r in rows]), "std_return": float(np.std([r["return"] for r in rows])),
+           "return": mean_ci([r["return"] for r in rows]), "std_return": float(np.std([r["return"] for r in rows])),
            "mean_length": float(np.mean([r["length"] for r in rows])), "falls": falls,
            "fall_rate": {"mean": falls / len(rows), "ci95": list(wilson_ci(falls, len(rows)))},
            "diverged": sum(r["diverged"] for r in rows)}
     for key in ("normalized", "value_rate", "d4rl_normalized", "d4rl_normalized_d4rl_refs", "window_end_drift", "nn_distance_steady"):
         if key in rows[0]:
-            out[key] = _mean_ci([r[key] for r in rows])
+            out[key] = mean_ci([r[key] for r in rows])
     return out
 
 
@@ -572,10 +537,12 @@ def _trends(rows: list[dict]) -> dict:
         sub = [r for r in rows if r["guided"] == guided]
         if len({r["window"] for r in sub}) >= 2:
             name = "guided" if guided else "unguided"
-            out[name] = trend_test([r["window"] for r in sub], [r["normalized"] for r in sub])
             study_range = [r for r in sub if r["window"] >= 2]
-            if len({r["window"] for r in study_range}) >= 2:
-                out[f"{name}_k2_and_up"] = trend_test([r["window"] for r in study_range], [r["normalized"] for r in study_range])
+            for key, part in ((name, sub), (f"{name}_k2_and_up", study_range)):
+                if len({r["window"] for r in part}) >= 2:
+                    k, y = [r["window"] for r in part], [r["normalized"] for r in part]
+                    out[key] = trend_test(k, y)
+                    out[key]["within_seed"] = within_seed_trend_test(k, y, [r["seed"] for r in part])
     return out
 
 

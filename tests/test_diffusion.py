@@ -197,3 +197,131 @@ def test_condition_writes_only_the_first_state():
     x = torch.zeros(2, 8, D)
     condition(x, torch.ones(2, O), A)
     assert x.sum() == 2 * O and torch.all(x[:, 0, A:] == 1)
+
+
+# ----------------------------------------------------------------------------- sampler levels and guidance placement
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 20])
+def test_every_ddim_level_list_starts_at_the_noisiest_level_and_ends_at_zero(T):
+    diff = GaussianDiffusion(TemporalUnet(UNetConfig(D, 8, dim=8, dim_mults=(1, 2))), A, T)
+    assert diff.levels() == list(range(T - 1, -1, -1))
+    for S in range(1, T + 1):
+        levels = diff.levels(S)
+        assert len(levels) == S and levels[0] == T - 1, (S, levels)
+        assert all(a > b for a, b in zip(levels, levels[1:])), levels
+        # One step jumps from T - 1 straight to the clean plan; more steps visit level 0 last.
+        assert levels[-1] == (T - 1 if S == 1 else 0), levels
+
+
+class RecordingDenoiser(torch.nn.Module):
+    """Predicts tau^0 = 0 and records the level it is told: DDIM then only rescales the noise,
+    so the size of x reveals the level it is at."""
+
+    def __init__(self, horizon: int = 8):
+        super().__init__()
+        self.cfg = UNetConfig(D, horizon, dim=8, dim_mults=(1, 2))
+        self.seen: list[int] = []
+
+    def forward(self, x, t):
+        self.seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+
+class LevelCheckingValue(torch.nn.Module):
+    """A value net that records (level it is asked about, level x is actually at)."""
+
+    def __init__(self, schedule: NoiseSchedule, noise_rms: float):
+        super().__init__()
+        self.schedule, self.noise_rms, self.calls = schedule, noise_rms, []
+
+    def forward(self, x, t):
+        rms = x[:, 1:].pow(2).mean().sqrt().item()  # row 0 holds the condition, not noise
+        sigma = self.schedule.sqrt_one_minus_alpha_bar
+        ratio = rms / self.noise_rms * sigma[-1].item()  # the noise started at level T - 1
+        actual = -1 if ratio < 1e-6 else int(torch.argmin((sigma - ratio).abs()))
+        self.calls.append((int(t[0]), actual))
+        return x.sum((1, 2)) * 0
+
+
+def test_one_step_ddim_starts_from_pure_noise_at_the_top_level():
+    denoiser = RecordingDenoiser()
+    diff = GaussianDiffusion(denoiser, A, 20)
+    diff.sample(torch.zeros(2, O), generator=torch.Generator().manual_seed(0), ddim_steps=1)
+    assert denoiser.seen == [19]
+
+
+@pytest.mark.parametrize("placement", ["after", "before"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 10, 20])
+def test_the_value_net_is_called_at_the_level_x_is_at(placement, steps):
+    diff = GaussianDiffusion(RecordingDenoiser(), A, 20)
+    noise = diff.sample_noise(64, steps, torch.Generator().manual_seed(1))
+    value = LevelCheckingValue(diff.schedule, noise[0, :, 1:].pow(2).mean().sqrt().item())
+    guide = Guide(value, scale=0.0, placement=placement)
+    diff.sample(torch.zeros(64, O), noise=noise, guide=guide, ddim_steps=steps)
+    guided_calls = value.calls[:-1]  # the last call scores the finished plan for Sample.values
+    assert len(guided_calls) == steps
+    for asked, actual in guided_calls:
+        # A finished (clean) plan has no level of its own; it is scored as level 0.
+        assert asked == max(actual, 0), (placement, steps, value.calls)
+    levels = diff.levels(steps)
+    expected = levels if placement == "before" else [*levels[1:], 0]
+    assert [asked for asked, _ in guided_calls] == expected
+
+
+def test_t_stopgrad_counts_sampler_steps_for_ddim_too():
+    diff = GaussianDiffusion(RecordingDenoiser(), A, 20)
+    noise = diff.sample_noise(8, 5, torch.Generator().manual_seed(2))
+    value = LevelCheckingValue(diff.schedule, 1.0)
+    diff.sample(torch.zeros(8, O), noise=noise, guide=Guide(value, 0.0, t_stopgrad=2), ddim_steps=5)
+    assert len(value.calls) - 1 == 3, "5 DDIM steps, none guided in the last 2"
+
+
+def test_before_placement_leaves_the_last_word_to_the_denoiser():
+    torch.manual_seed(0)
+    diff = GaussianDiffusion(TemporalUnet(UNetConfig(D, 8, dim=8, dim_mults=(1, 2))), A, 10, clip_denoised=1.0)
+    state = torch.randn(8, O)
+    g = torch.Generator
+
+    def plan(placement):
+        guide = Guide(LinearValue(), 5.0, placement=placement)
+        return diff.sample(state, generator=g().manual_seed(6), guide=guide).trajectories
+
+    # x0-prediction's last reverse step returns the (clipped) prediction itself: "before" ends on it,
+    # "after" pushes the finished plan once more, out of the range the denoiser can produce.
+    assert plan("before")[..., 0].abs().max() <= 1.0
+    assert plan("after")[..., 0].max() > 1.5
+    with pytest.raises(ValueError, match="placement"):
+        Guide(LinearValue(), 0.1, placement="during")
+
+
+def test_ddim_step_variance_is_the_posterior_across_the_jump():
+    s = NoiseSchedule(20)
+    for t in range(20):
+        assert s.step_variance(t, t - 1) == pytest.approx(float(s.posterior_variance[t]), rel=1e-6)
+    # Two one-step posteriors are not a two-level jump, but the jump's variance lies between 0 and the prior's.
+    v = s.step_variance(14, 9)
+    assert 0 < v < 1 - float(s.alpha_bar[9])
+    assert s.step_variance(4, -1) == 0.0
+    with pytest.raises(ValueError):
+        s.step_variance(3, 5)
+
+
+def test_epsilon_prediction_where_it_would_divide_by_almost_zero_is_refused():
+    net = TemporalUnet(UNetConfig(D, 8, dim=8, dim_mults=(1, 2)))
+    with pytest.raises(ValueError, match="sqrt\\(alpha_bar\\)"):
+        GaussianDiffusion(net, A, 20, "linear", predict_epsilon=True)
+    GaussianDiffusion(net, A, 20, "linear", predict_epsilon=False)  # x0-prediction never divides
+    GaussianDiffusion(net, A, 20, "cosine", predict_epsilon=True)
+
+
+def test_action_bounds_keep_every_planned_action_in_range():
+    diff = small()
+    state = torch.randn(8, O)
+    low, high = torch.full((A,), -0.2), torch.full((A,), 0.3)
+    for steps in (None, 3):
+        free = diff.sample(state, generator=torch.Generator().manual_seed(7), ddim_steps=steps).trajectories
+        bounded = diff.sample(state, generator=torch.Generator().manual_seed(7), ddim_steps=steps, action_bounds=(low, high)).trajectories
+        assert (free[..., :A] > 0.3).any() or (free[..., :A] < -0.2).any()
+        assert bounded[..., :A].min() >= -0.2 - 1e-6 and bounded[..., :A].max() <= 0.3 + 1e-6
+        assert torch.equal(bounded[:, 0, A:], state)

@@ -175,9 +175,34 @@ def test_bootstrap_and_wilson_intervals():
     lo30, hi30 = analysis.bootstrap_ci(x[:30])
     assert hi30 - lo30 > hi - lo
     lo, hi = analysis.wilson_ci(0, 10)
-    assert math.isclose(lo, 0, abs_tol=1e-12) and math.isclose(hi, 0.2775, abs_tol=1e-3)
+    assert lo == 0.0 and math.isclose(hi, 0.2775, abs_tol=1e-3)
+    assert analysis.wilson_ci(30, 30)[1] == 1.0
     lo, hi = analysis.wilson_ci(5, 10)
     assert math.isclose(lo, 0.2366, abs_tol=1e-3) and math.isclose(hi, 0.7634, abs_tol=1e-3)
+
+
+def test_a_bootstrap_interval_of_one_value_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        analysis.bootstrap_ci([3.0])
+
+
+def test_within_seed_trend_test_respects_the_design_and_gains_power():
+    rng = np.random.default_rng(0)
+    seeds = np.tile(np.arange(30), 8)
+    k = np.repeat(np.arange(1, 9), 30)
+    # Seeds differ a lot (some are hard at every window); the trend is small next to that spread.
+    ease = rng.normal(0, 20, 30)[seeds]
+    y = 100 - 0.8 * k + ease + rng.normal(0, 3, k.size)
+    pooled = analysis.trend_test(k, y)
+    within = analysis.within_seed_trend_test(k, y, seeds)
+    assert within["spearman_rho"] == pooled["spearman_rho"] and within["slope"] == pooled["slope"]
+    assert within["p_value"] < 0.01 < pooled["p_value"], (within["p_value"], pooled["p_value"])
+    assert within["slope_ci95"][0] < -0.8 < within["slope_ci95"][1] and within["seeds"] == 30
+    # Under the null (no trend) it does not find one.
+    null = analysis.within_seed_trend_test(k, ease + rng.normal(0, 3, k.size), seeds)
+    assert null["p_value"] > 0.01
+    with pytest.raises(ValueError):
+        analysis.within_seed_trend_test([1, 2], [1.0, 2.0], [0, 0])
 
 
 def test_trend_test_finds_a_trend_and_not_noise():
