@@ -22,6 +22,7 @@ from diffusion_rl.diffusion import NoiseSchedule
 __all__ = [
     "MAX_WIDTH_IN",
     "MIN_FONT_PT",
+    "book_style",
     "effective_tilt",
     "markov_chain",
     "plot_effective_tilt",
@@ -36,6 +37,23 @@ MIN_FONT_PT = 9.0
 """Smallest font, in points, any diagram uses."""
 
 _FONT = 10
+
+
+def book_style() -> None:
+    """Matplotlib defaults for the chapters: 100 dpi, text of 9-10 pt, figures no wider than the column."""
+    import matplotlib as mpl
+
+    mpl.rcParams.update({
+        "figure.dpi": 100,
+        "figure.figsize": (MAX_WIDTH_IN, 3.0),
+        "font.size": 9.5,
+        "axes.titlesize": 10,
+        "axes.labelsize": 9.5,
+        "xtick.labelsize": MIN_FONT_PT,
+        "ytick.labelsize": MIN_FONT_PT,
+        "legend.fontsize": MIN_FONT_PT,
+        "figure.titlesize": 10.5,
+    })
 
 
 def _plt():

@@ -68,3 +68,12 @@ def test_effective_tilt_is_kappa_over_the_step_variance():
     assert tilt[-1] == pytest.approx(0.3 / var[-1]) and 0.29 < tilt[-1] < 0.31
     assert tilt[2] / tilt[-1] > 50
     assert np.isnan(diagrams.effective_tilt(s, 0.3)[0])  # the last step adds no noise: no tilt is defined
+
+
+def test_book_style_sets_readable_defaults():
+    with matplotlib.rc_context():
+        diagrams.book_style()
+        rc = matplotlib.rcParams
+        assert rc["figure.figsize"][0] <= diagrams.MAX_WIDTH_IN and rc["figure.dpi"] == 100
+        for key in ("font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize", "legend.fontsize"):
+            assert float(rc[key]) >= diagrams.MIN_FONT_PT, key
