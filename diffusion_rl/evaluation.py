@@ -11,13 +11,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 
 from diffusion_rl.checkpoint import atomic_write_json
 from diffusion_rl.envs import EVAL_SEEDS
 from diffusion_rl.planner import Planner, rollout, summarize
 
-__all__ = ["EVAL_SEEDS", "dataset_reference", "evaluate", "export_planner"]
+__all__ = ["EVAL_SEEDS", "dataset_reference", "evaluate", "export_planner", "value_on_terminal_windows"]
 
 
 def dataset_reference(dataset_id: str) -> dict:
@@ -85,8 +84,7 @@ def export_planner(
     vmeta = pretrained.export_network(value_run, vpath, {"export_command": command})
     diffusion, normalizer, _ = pretrained.load_network(dpath)
     value, vnorm, _ = pretrained.load_network(vpath)
-    if not (np.allclose(normalizer.shift, vnorm.shift) and np.allclose(normalizer.scale, vnorm.scale)):
-        raise ValueError("The denoiser and the value network were trained with different normalizers (different data?).")
+    pretrained.check_same_data(normalizer, vnorm)
     planner = Planner(diffusion, normalizer, value, dmeta)
 
     seeds = EVAL_SEEDS[:episodes] if episodes <= len(EVAL_SEEDS) else range(EVAL_SEEDS[0], EVAL_SEEDS[0] + episodes)
@@ -103,3 +101,27 @@ def export_planner(
         )
         atomic_write_json(path.with_suffix(".json"), meta)
     return dmeta
+
+
+def value_on_terminal_windows(name: str = "walker2d-h8") -> dict:
+    """How a shipped value network scores the training windows that reach a fall, against their targets.
+
+    These windows are the only place the value function can learn what a fall costs; expert data
+    has very few, so guidance cannot be expected to steer away from falls unless this fit is good.
+    """
+    import torch
+
+    from diffusion_rl import pretrained
+    from diffusion_rl.training import ValueConfig, build_windows
+
+    value, normalizer, meta = pretrained.load_network(pretrained.asset_path(name, "value"))
+    windows = build_windows(ValueConfig(**meta["config"]), normalizer)
+    idx = torch.nonzero(windows.terminal).flatten()
+    batch = windows.batch(idx)
+    with torch.no_grad():
+        predicted = value(batch.trajectory, torch.zeros(len(idx), dtype=torch.long))
+    return {
+        "windows": len(windows), "terminal_windows": len(idx), "termination_penalty": meta["config"]["termination_penalty"],
+        "target": [round(float(v), 2) for v in batch.value], "predicted": [round(float(v), 2) for v in predicted],
+        "mean_target_other_windows": round(float(windows.values[~windows.terminal].mean()), 2),
+    }

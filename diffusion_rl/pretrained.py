@@ -43,7 +43,10 @@ def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = Tru
     from diffusion_rl.runtime import pick_device
 
     diffusion, normalizer, meta = load_network(asset_path(name, "diffuser"))
-    value = load_network(asset_path(name, "value"))[0] if with_value else None
+    value = None
+    if with_value:
+        value, value_normalizer, _ = load_network(asset_path(name, "value"))
+        check_same_data(normalizer, value_normalizer)
     planner = Planner(diffusion, normalizer, value, meta, **planner_options)
     return planner.to(pick_device(device))
 
@@ -51,8 +54,17 @@ def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = Tru
 def load_run(diffuser_run: str | os.PathLike, value_run: str | os.PathLike | None = None, **planner_options) -> Planner:
     """A planner from training runs' checkpoints (their EMA weights), for example mid-training."""
     diffusion, normalizer, cfg = _from_checkpoint(diffuser_run, "diffuser")
-    value = _from_checkpoint(value_run, "value")[0] if value_run is not None else None
+    value = None
+    if value_run is not None:
+        value, value_normalizer, _ = _from_checkpoint(value_run, "value")
+        check_same_data(normalizer, value_normalizer)
     return Planner(diffusion, normalizer, value, {"config": cfg}, **planner_options)
+
+
+def check_same_data(diffuser_normalizer: Normalizer, value_normalizer: Normalizer) -> None:
+    """Refuse a denoiser and a value network whose normalizers differ: they were trained on different data."""
+    if not diffuser_normalizer.matches(value_normalizer):
+        raise ValueError("The denoiser and the value network were trained with different normalizers (different data?).")
 
 
 def _from_checkpoint(run: str | os.PathLike, kind: str):

@@ -48,7 +48,7 @@ def test_truncated_episode_only_uses_windows_that_fit():
     assert len(w) == 10 - 4 + 1
     last = unnormalized(w, w[len(w) - 1].trajectory)
     np.testing.assert_allclose(last[:, 2:], np.tile(np.arange(6, 10)[:, None], (1, 3)), atol=1e-4)
-    assert bool(w[len(w) - 1].mask.all())
+    assert not w.terminal.any(), "a time-limit cut is not a fall"
 
 
 def test_terminated_episode_pads_with_absorbing_terminal_state():
@@ -59,8 +59,18 @@ def test_terminated_episode_pads_with_absorbing_terminal_state():
     np.testing.assert_allclose(x[0], [102, 102, 2, 2, 2], atol=1e-4)
     np.testing.assert_allclose(x[1:, :2], 0, atol=1e-4)
     np.testing.assert_allclose(x[1:, 2:], 3, atol=1e-4)
-    assert w[2].mask.tolist() == [1, 0, 0, 0]
-    assert w[0].mask.tolist() == [1, 1, 1, 0]
+    assert w.terminal.tolist() == [True, True, True]  # every window reaches the fall
+
+
+def test_terminal_marks_exactly_the_windows_that_reach_the_fall():
+    fell = synthetic_episode(10, terminated=True)
+    w = TrajectoryWindows([fell, synthetic_episode(10, terminated=False)], horizon=4, termination_penalty=-100.0, value_scope="window")
+    # The fallen episode has 10 windows (padded); those starting at steps 6..9 contain its last step 9.
+    assert w.terminal.tolist() == [False] * 6 + [True] * 4 + [False] * 7
+    assert bool((w.values[w.terminal] < -50).all()) and bool((w.values[~w.terminal] > 0).all())
+    assert w[7].terminal and not w[0].terminal
+    unpadded = TrajectoryWindows([fell], horizon=4, pad_terminal=False)
+    assert unpadded.terminal.tolist() == [False] * 6 + [True]
 
 
 def test_no_padding_option_and_layout():
@@ -91,7 +101,7 @@ def test_batch_matches_getitem():
     w = TrajectoryWindows([synthetic_episode(12, terminated=True), synthetic_episode(9, terminated=False)], horizon=4)
     idx = torch.tensor([0, 5, len(w) - 1])
     b = w.batch(idx)
-    assert b.trajectory.shape == (3, 4, 5) and b.value.shape == (3,) and b.mask.shape == (3, 4)
+    assert b.trajectory.shape == (3, 4, 5) and b.value.shape == (3,) and b.terminal.shape == (3,)
     for j, i in enumerate(idx.tolist()):
         assert torch.equal(b.trajectory[j], w[i].trajectory)
         assert torch.equal(b.value[j], w[i].value)
@@ -290,3 +300,13 @@ def test_killed_write_leaves_nothing_a_rerun_would_trust(minari_root, tiny_polic
     ds = make_dataset("walker2d/killed-v0", n_episodes=3, policy=tiny_policy, progress=False)
     assert ds.total_episodes == 3
     assert not list(minari_root.glob(".staging-*"))
+
+
+def test_networks_trained_on_other_data_do_not_plan_together():
+    from diffusion_rl.pretrained import check_same_data
+
+    a = Normalizer(np.zeros(3), np.ones(3), "gaussian")
+    check_same_data(a, Normalizer(np.zeros(3), np.ones(3), "gaussian"))
+    for other in (Normalizer(np.full(3, 0.5), np.ones(3), "gaussian"), Normalizer(np.zeros(3), np.ones(3), "minmax")):
+        with pytest.raises(ValueError, match="different normalizers"):
+            check_same_data(a, other)
