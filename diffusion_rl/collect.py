@@ -35,7 +35,7 @@ from diffusion_rl.data import (
     validate_dataset_id,
 )
 from diffusion_rl.envs import ENV_ID, make_env
-from diffusion_rl.runtime import torch_threads
+from diffusion_rl.runtime import display_path, torch_threads
 
 __all__ = ["collect_episodes", "dataset_summary", "make_dataset", "random_policy_return"]
 
@@ -365,5 +365,5 @@ def dataset_summary(ds) -> dict:
         "falls": int(falls),
         "ref_min_score": md.get("ref_min_score"),
         "ref_max_score": md.get("ref_max_score"),
-        "path": str(local_dataset_path(ds.spec.dataset_id)),
+        "path": display_path(local_dataset_path(ds.spec.dataset_id)),  # printed in the book: no machine folders
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["StopOnSignal", "pick_device", "portable_command", "torch_threads"]
+__all__ = ["StopOnSignal", "display_path", "pick_device", "portable_command", "torch_threads"]
 
 
 def _portable_arg(arg: str, cwd: Path) -> str:
@@ -29,6 +29,23 @@ def _portable_arg(arg: str, cwd: Path) -> str:
         return opt + eq + (path.relative_to(cwd).as_posix() or ".")
     # Outside the working tree the folder says nothing to another machine; keep what names the file.
     return opt + eq + "/".join(["...", *path.parts[-2:]])
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A folder as printed where others read it (the book's pages): relative, ``~/...`` or ``$TMPDIR/...``.
+
+    The book shows what the chapters print, so an absolute path would publish the folders of the
+    machine that built it.
+    """
+    import tempfile
+
+    p = Path(path).expanduser().absolute()
+    for base, label in ((Path.cwd(), ""), (Path(tempfile.gettempdir()), "$TMPDIR/"), (Path.home(), "~/")):
+        base = base.absolute()
+        if p.is_relative_to(base):
+            rel = p.relative_to(base).as_posix()
+            return (label + rel) if label else (rel if rel != "." else ".")
+    return str(path)
 
 
 def portable_command(args: Sequence[str], program: str = "python -m diffusion_rl", cwd: str | os.PathLike | None = None) -> str:

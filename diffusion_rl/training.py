@@ -27,7 +27,7 @@ from diffusion_rl.checkpoint import CheckpointError, atomic_write_text, load_che
 from diffusion_rl.data import DEFAULT_DATASET_ID, Normalizer, TrajectoryWindows, load_episodes
 from diffusion_rl.diffusion import GaussianDiffusion, NoiseSchedule, condition
 from diffusion_rl.models import TemporalUnet, UNetConfig, ValueNet, check_horizon
-from diffusion_rl.runtime import StopOnSignal, pick_device
+from diffusion_rl.runtime import StopOnSignal, display_path, pick_device
 
 __all__ = [
     "TrainConfig",
@@ -273,7 +273,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
         _write_log(run_dir / "loss.csv", log)
 
     stop = StopOnSignal()
-    print(f"train {kind}: step {step} of {cfg.total_steps}, run folder {run_dir}", flush=True)
+    print(f"train {kind}: step {step} of {cfg.total_steps}, run folder {display_path(run_dir)}", flush=True)
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not progress, desc=f"train {kind}", unit="step", smoothing=0.05, mininterval=1.0)
     t0 = time.perf_counter() - wall
     running, n_running = 0.0, 0

@@ -1,13 +1,15 @@
 """The book: it builds from the README's command with warnings as errors, and every page works in a browser.
 
-The browser is Debian's headless Chromium driven by Selenium through Debian's chromedriver; the
-pages are opened from disk, so anything a page would fetch from the network fails here. That is
-deliberate: the built book must work offline (MathJax and the widget manager are vendored).
+The browser is headless Chromium (Debian's, with its chromedriver) or Google Chrome with its driver
+(GitHub's hosted runners), driven by Selenium. The pages are opened from disk, so anything a page
+would fetch from the network fails here. That is deliberate: the built book must work offline
+(MathJax and the widget manager are vendored).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from test_publish import machine_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ["book/intro"] + [line.split("file:")[1].strip() for line in (ROOT / "_toc.yml").read_text().splitlines() if "file:" in line]
@@ -58,17 +62,35 @@ def test_every_chapter_is_built_with_its_figures_and_videos(html):
     for page in html.rglob("*.html"):
         text = page.read_text()
         assert "cdn.jsdelivr.net" not in text and "cdnjs.cloudflare.com" not in text, f"{page} loads a CDN"
+        assert "NBVAL" not in text, f"{page.name} shows an nbval marker (use the nbval-* cell tags)"
+        traces = [m.group(0) for m in machine_traces(text, extra=(str(ROOT),))]
+        assert not traces, f"{page.name} shows paths of the machine that built it: {traces[:5]}"
         for video in re.findall(r"data:video/mp4;base64,([A-Za-z0-9+/=]+)", text):
             assert len(video) * 3 / 4 < 2_000_000, f"a video of {page.name} is over 2 MB"
 
 
+def _browser() -> tuple[str | None, str | None]:
+    """(chromedriver, browser binary): Debian's chromium pair, or Google Chrome with its driver (GitHub's runners)."""
+    drivers = [shutil.which("chromedriver"), os.path.join(os.environ.get("CHROMEWEBDRIVER", ""), "chromedriver"),
+               "/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+    driver = next((d for d in drivers if d and os.path.isfile(d) and os.access(d, os.X_OK)), None)
+    # A driver runs only its own browser version: Debian's driver goes with Debian's chromium, any other
+    # (the runners' Chrome for Testing driver) with Google Chrome first. $CHROME_BIN (set on the runners) wins.
+    debian = driver is not None and "chromium" in os.path.realpath(driver) or Path("/usr/lib/chromium/chromium").exists()
+    names = ["chromium", "google-chrome", "google-chrome-stable"] if debian else ["google-chrome", "google-chrome-stable", "chromium"]
+    found = [os.environ.get("CHROME_BIN")] + [shutil.which(n) for n in names + ["chromium-browser"]]
+    return driver, next((b for b in found if b and os.path.isfile(b)), None)
+
+
 def _chrome():
-    """Headless Chromium, or a failure that says how to install it (CI installs it through `make test`)."""
+    """Headless Chromium or Chrome, or a failure that says how to install it (`make test` does)."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (in requirements.txt)")
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if not Path(driver_path).exists():
+    driver_path, binary = _browser()
+    if driver_path is None:
         pytest.fail("chromedriver not found: sudo apt-get install chromium chromium-driver (make test does this)")
     opts = webdriver.ChromeOptions()
+    if binary:
+        opts.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600",
                 "--autoplay-policy=no-user-gesture-required"):
         opts.add_argument(arg)
@@ -116,6 +138,31 @@ def test_every_page_works_in_a_browser(html):
                 ".filter(e => e.getBoundingClientRect().right > e.closest('.cell_output').getBoundingClientRect().right + 1)"
                 ".map(e => e.tagName + '.' + e.className.slice(0, 40))")
             assert not wide, f"{chapter}: wider than the page's text column: {wide}"
+            # Code and text outputs fit the column too: no <pre> sticks out of the article or scrolls sideways.
+            wide_pre = driver.execute_script(
+                "const col = document.querySelector('article.bd-article').getBoundingClientRect();"
+                "return Array.from(document.querySelectorAll('article.bd-article pre'))"
+                ".filter(p => p.getBoundingClientRect().right > col.right + 1 || p.scrollWidth > p.clientWidth + 1)"
+                ".map(p => p.textContent.slice(0, 60))")
+            assert not wide_pre, f"{chapter}: code wider than the column at 1280 px: {wide_pre}"
+            # The 88-column code cells fit without even the CSS fallback's wrapping (book/_static/book.css).
+            wrapped = driver.execute_script(
+                "return Array.from(document.querySelectorAll('div.cell_input pre')).filter(p => {"
+                "p.style.whiteSpace = 'pre'; const over = p.scrollWidth > p.clientWidth + 1; p.style.whiteSpace = ''; return over; })"
+                ".map(p => p.textContent.slice(0, 60))")
+            assert not wrapped, f"{chapter}: code cells that only fit by wrapping: {wrapped}"
+            assert "NBVAL" not in driver.execute_script("return document.body.innerText"), f"{chapter} shows NBVAL"
+            if chapter != "book/09_references":  # the first screen (1280 x 720): what the chapter teaches, and Colab
+                learn = driver.execute_script(
+                    "const e = Array.from(document.querySelectorAll('article strong'))"
+                    ".find(s => s.textContent.startsWith('What you will learn'));"
+                    "return e ? e.getBoundingClientRect().top + window.scrollY : null")
+                assert learn is not None and learn < 720, f"{chapter}: 'What you will learn' is not on the first screen ({learn})"
+                colab = driver.execute_script(
+                    "const a = document.querySelector('a[href*=\"colab.research.google.com\"]');"
+                    "const b = a && a.closest('.dropdown').querySelector('button');"
+                    "return b ? b.getBoundingClientRect().top + window.scrollY : null")
+                assert colab is not None and colab < 720, f"{chapter}: no launch-in-Colab button on the first screen"
 
             for slider in driver.find_elements(By.CSS_SELECTOR, ".widget-slider"):
                 view = slider.find_element(By.XPATH, "following-sibling::*[1]")

@@ -257,3 +257,17 @@ def test_landing_figure_grows_with_the_curves_it_is_given():
     fig = figures.plot_window_curves(study + ours + [extra])
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert labels == [c.label for c in study + ours + [extra]]
+
+
+def test_printed_folders_name_no_machine_paths(tmp_path, monkeypatch):
+    import tempfile
+
+    from diffusion_rl.runtime import display_path
+
+    monkeypatch.chdir(tmp_path)
+    assert display_path(tmp_path / "runs" / "x") == "runs/x"
+    assert display_path(Path.home() / ".minari" / "datasets") == "~/.minari/datasets"
+    outside = Path(tempfile.gettempdir()) / "diffuser-live-abc"
+    monkeypatch.chdir(Path.home())
+    assert display_path(outside) == "$TMPDIR/diffuser-live-abc"
+    assert not list(machine_traces(display_path(outside)))
