@@ -22,7 +22,7 @@ from diffusion_rl.planner import Planner, rollout
 from diffusion_rl.runtime import torch_threads
 from diffusion_rl.training import DiffuserConfig, make_optimizer
 
-__all__ = ["REFERENCE", "run_benchmark", "train_speed", "plan_time"]
+__all__ = ["REFERENCE", "closed_loop_speed", "run_benchmark", "train_speed", "plan_time"]
 
 REFERENCE = {
     "train_steps_per_s_b32": 16.5,
@@ -80,6 +80,16 @@ def plan_time(batch_size: int, threads: int, guidance_scale: float | None = None
         return (time.perf_counter() - t0) / reps
 
 
+def closed_loop_speed(ddim_steps: int | None, episodes: int = 10, max_steps: int = 200, window: int = 1) -> float:
+    """Aggregated env steps per second of the shipped planner in closed loop, one thread."""
+    from diffusion_rl import pretrained
+
+    planner = pretrained.load(device="cpu")
+    t0 = time.perf_counter()
+    results = rollout(planner, range(10_000, 10_000 + episodes), window=window, ddim_steps=ddim_steps, max_steps=max_steps)
+    return sum(r.length for r in results) / (time.perf_counter() - t0)
+
+
 def sweep_time(quick: bool = False, workers: int = 2) -> tuple[float, int]:
     """Wall seconds and env steps of the study's sweep protocol with the shipped planner (rollouts only)."""
     import tempfile
@@ -109,6 +119,7 @@ def run_benchmark(quick: bool = False) -> dict:
             ("plan, 20 steps, unguided", {}, REFERENCE["plan_s_b10"]),
             ("plan, 20 steps, 2 guide steps", {"guidance_scale": 0.1, "n_guide_steps": 2}, REFERENCE["plan_guided2_s_b10"]),
             ("plan, DDIM 5 steps, unguided", {"ddim_steps": 5}, REFERENCE["plan_s_b10"]),
+            ("plan, DDIM 1 step, unguided", {"ddim_steps": 1}, REFERENCE["plan_s_b10"]),
         ):
             s = plan_time(10, threads, reps=reps, **kw)
             rows.append((f"{label}, batch 10, {threads} thread(s)", s, "s per plan", ref / s))
@@ -117,6 +128,12 @@ def run_benchmark(quick: bool = False) -> dict:
     dt = time.perf_counter() - t0
     steps = sum(r.length for r in results)
     rows.append(("closed loop k=1, 10 episodes (random weights)", steps / dt, "env steps/s", float("nan")))
+    # One-step DDIM in the loop, on the shipped planner (its weights decide when episodes end): speed as a ratio to 20 steps.
+    episodes, max_steps = (4, 50) if quick else (10, 200)
+    full = closed_loop_speed(None, episodes, max_steps)
+    one = closed_loop_speed(1, episodes, max_steps)
+    rows.append((f"closed loop k=1, 20 DDPM steps, shipped planner, {episodes} ep.", full, "env steps/s", float("nan")))
+    rows.append((f"closed loop k=1, 1-step DDIM, shipped planner, {episodes} ep.", one, "env steps/s", one / full))
     wall, steps = sweep_time(quick)
     what = "reduced study sweep (2 settings x 2 ep. x 200 steps)" if quick else "study sweep (8 settings x 10 ep. x 1000 steps)"
     rows.append((f"{what}, wall", wall, "s (target 300)", REFERENCE["study_sweep_s"] / wall if not quick else float("nan")))

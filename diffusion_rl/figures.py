@@ -15,7 +15,7 @@ import numpy as np
 
 from diffusion_rl.sweep import SweepResults
 
-__all__ = ["WindowCurve", "errorbar_by_window", "plot_window_curves", "study_curves", "sweep_curves", "plot_drift", "plot_episode_scatter", "plot_shift", "plot_window_scores", "window_table", "window_table_html"]
+__all__ = ["WindowCurve", "errorbar_by_window", "plot_window_curves", "study_curves", "sweep_curves", "plot_drift", "plot_episode_scatter", "plot_shift", "plot_study_arms", "plot_window_scores", "window_table", "window_table_html"]
 
 UNGUIDED, GUIDED, STUDY = "#1f77b4", "#d62728", "#7f7f7f"
 
@@ -281,3 +281,26 @@ def plot_shift(res: SweepResults):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_study_arms(summary: dict, names: Sequence[str], title: str = "", ax=None):
+    """A study's arms side by side: mean normalized score with its 95% interval, and falls, one row each."""
+    import matplotlib.pyplot as plt
+
+    rows = {s["name"]: s for s in summary["settings"]}
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise ValueError(f"The study has no arm(s) {missing}; it has {sorted(rows)}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.2))
+    for i, name in enumerate(names):
+        s = rows[name]
+        mean, (lo, hi) = s["normalized"]["mean"], s["normalized"]["ci95"]
+        ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=UNGUIDED if s["guidance_scale"] is None else GUIDED, capsize=3)
+        ax.annotate(f"{s['falls']}/{s['episodes']} fell", (hi, i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=9)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set(xlabel="% of the data's mean return (95% CI)", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.25)
+    return ax.figure

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusion_rl.experiment import Arm, Comparison, run_experiment, shipped_planner
+from diffusion_rl.experiment import Arm, Comparison, load_rows, run_experiment, shipped_planner
 
-__all__ = ["STUDIES", "EVAL_SEEDS", "TUNING_SEEDS", "run_study", "sampler_study"]
+__all__ = ["STUDIES", "EVAL_SEEDS", "TUNING_SEEDS", "load_study", "run_study", "sampler_study"]
 
 EVAL_SEEDS = list(range(10_000, 10_030))
 TUNING_SEEDS = list(range(20_000, 20_030))
@@ -81,8 +81,21 @@ STUDIES = {"sampler": Study(sampler_study, "sampler_study")}
 
 def run_study(name: str, out_dir: str | os.PathLike | None = None, command: str = "", progress: bool = True) -> dict:
     """Run the study ``name`` into ``out_dir`` (default: its shipped folder)."""
+    out = Path(out_dir) if out_dir is not None else study_folder(name)
+    return STUDIES[name].run(out, command=command, progress=progress)
+
+
+def study_folder(name: str) -> Path:
+    """Where the study ``name`` ships its results."""
     if name not in STUDIES:
         raise ValueError(f"Unknown study {name!r}; choose from {sorted(STUDIES)}.")
-    study = STUDIES[name]
-    out = Path(out_dir) if out_dir is not None else Path(__file__).parent / "assets" / study.folder
-    return study.run(out, command=command, progress=progress)
+    return Path(__file__).parent / "assets" / STUDIES[name].folder
+
+
+def load_study(name: str, part: str = "") -> tuple[list[dict], dict]:
+    """A shipped study's episode rows and summary (``part="tuning"``: its tuning stage), SHA-256 checked."""
+    import json
+
+    folder = study_folder(name) / part
+    rows = load_rows(folder)
+    return rows, json.loads((folder / "summary.json").read_text())

@@ -397,7 +397,9 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
     for s, eps in episodes.items():
         nn = [_nn_profile(e, data_states, scale) for e in eps]
         drifts = [plan_drift(e.states, e.plans[..., planner.action_dim:], e.plan_steps, e.window, scale) for e in eps]
-        end = min(s.window, H - 1) - 1  # the offset where the executed window ends
+        # The offset where the executed window ends. A plan's rows predict offsets 0..H-1, so for k = H
+        # (whose window ends at offset H, the next replan) the last checkable offset, H - 1, stands in.
+        end = min(s.window, H - 1) - 1
         steady_level = _finite_mean(np.concatenate([dr[_steady_plans(e), end] for e, dr in zip(eps, drifts)]))
         for e, d, dr in zip(eps, nn, drifts):
             steady = _steady_slice(e)
