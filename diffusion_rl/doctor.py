@@ -213,6 +213,25 @@ def _sweep(report: dict) -> None:
                                       f"{_REINSTALL}, or rerun `python -m diffusion_rl sweep --out {folder}`.")
 
 
+def _studies(report: dict) -> None:
+    """Every shipped study folder (one with a record.json, as the experiment runner writes) against its recorded SHA-256s."""
+    out: dict[str, Any] = {}
+    report["studies"] = out
+    for record_path in sorted(ASSETS.glob("**/record.json")):
+        folder = record_path.parent
+        name = str(folder.relative_to(ASSETS))
+        try:
+            recorded = json.loads(record_path.read_text()).get("files_sha256", {})
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        bad = ["record.json"] if not recorded else [
+            f for f, digest in recorded.items() if not (folder / f).is_file() or _sha256(folder / f) != digest]
+        out[name] = "ok" if not bad else f"does not verify: {', '.join(bad)}"
+        if bad:
+            report["problems"].append(f"The shipped study results in {name} do not match their record ({', '.join(bad)}): "
+                                      f"{_REINSTALL}, or rerun the command in its record.json.")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -252,6 +271,8 @@ def _format(report: dict) -> str:
         planner = "" if "matches_shipped_planner" not in sw else (
             f", made by the shipped {sw['planner']}" if sw["matches_shipped_planner"] else f", NOT made by the shipped {sw['planner']}")
         lines.append(f"  window_sweep/ result files: {state}{planner}; {sw['recorded_episodes']} recorded episodes (not shipped)")
+    for name, state in report.get("studies", {}).items():
+        lines.append(f"  {name + '/ study results:':<36} {state}")
     for note in report["notes"]:
         lines.append(f"note: {note}")
     for problem in report["problems"]:
@@ -264,7 +285,7 @@ def run_doctor(verbose: bool = True) -> dict:
     """Probe this installation and return the report (``ok``, ``problems``, each section); print it if ``verbose``."""
     report: dict[str, Any] = {"problems": [], "notes": []}
     for section, probe in (("versions", _versions), ("torch", _torch), ("gl", _gl), ("datasets", _datasets),
-                           ("assets", _assets), ("sweep", _sweep)):
+                           ("assets", _assets), ("sweep", _sweep), ("studies", _studies)):
         _guard(report, section, probe)
     n = len(report["problems"])
     report["ok"] = n == 0

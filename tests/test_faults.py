@@ -520,6 +520,20 @@ def test_doctor_flags_tampered_and_missing_assets(tmp_path, monkeypatch, capsys)
     assert "problem:" in out and out.strip().splitlines()[-1].startswith("verdict: ")
 
 
+def test_doctor_flags_edited_study_results(tmp_path, monkeypatch):
+    study = tmp_path / "assets" / "some_study"
+    study.mkdir(parents=True)
+    (study / "episodes.csv").write_text("setting,seed\na,1\n")
+    record = {"files_sha256": {"episodes.csv": doctor._sha256(study / "episodes.csv")}}
+    (study / "record.json").write_text(json.dumps(record))
+    monkeypatch.setattr(doctor, "ASSETS", tmp_path / "assets")
+    assert doctor.run_doctor(verbose=False)["studies"] == {"some_study": "ok"}
+    (study / "episodes.csv").write_text("setting,seed\na,2\n")
+    report = doctor.run_doctor(verbose=False)
+    assert report["studies"]["some_study"] == "does not verify: episodes.csv"
+    assert any("some_study" in p and "record.json" in p for p in report["problems"])
+
+
 def test_edited_sweep_results_are_refused(tmp_path):
     folder = shutil.copytree(sweep.SHIPPED, tmp_path / "sweep", ignore=shutil.ignore_patterns("episodes"))
     assert set(sweep.load_results(folder).meta["files_sha256"]) == set(sweep.RESULT_FILES)
