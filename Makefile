@@ -2,7 +2,8 @@
 # Each sets up its own virtual environment (.venv) on first use. The browser test needs Chromium or
 # Google Chrome and a matching chromedriver: GitHub's hosted runners ship Chrome with one (in
 # $CHROMEWEBDRIVER); elsewhere `make test` installs Debian's chromium and chromium-driver if no
-# chromedriver is found. (Ubuntu's chromium package is a snap stub, so it is never installed there.)
+# chromedriver is found. (Ubuntu's chromium package is a snap stub: install Google Chrome and its
+# chromedriver there instead.)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
