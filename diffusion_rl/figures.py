@@ -70,7 +70,7 @@ def plot_window_curves(curves: Sequence[WindowCurve], horizon: int = 8, ax=None)
     """
     import matplotlib.pyplot as plt
 
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7.0, 4.2))
     with_bars = [c for c in curves if c.ci95 is not None]
     for c in curves:
         k = np.asarray(c.windows, float)
@@ -86,7 +86,7 @@ def plot_window_curves(curves: Sequence[WindowCurve], horizon: int = 8, ax=None)
     ax.set(xlabel="executed window k (plan actions run before replanning)", ylabel="score, % of the data's mean return",
            xticks=range(1, horizon + 1), title="Score against the executed window k")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=9, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -160,7 +160,8 @@ def plot_window_scores(res: SweepResults):
     import matplotlib.pyplot as plt
 
     ref = res.summary["references"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    # One panel per row: at the book's column width (7 in) every label stays at 9 pt or more.
+    fig, axes = plt.subplots(3, 1, figsize=(7.0, 9.0))
     unguided, guided = _settings(res, False), _settings(res, True)
     study = res.summary["study"]
     ks = np.array(study["executed_actions"])
@@ -174,7 +175,7 @@ def plot_window_scores(res: SweepResults):
     ax.set(xlabel="executed window k (actions per plan)", ylabel="return / data mean x 100", title="Normalized score (95% CI)")
     raw = ax.secondary_yaxis("right", functions=(lambda y: y * ref["data_mean_return"] / 100, lambda r: r * 100 / ref["data_mean_return"]))
     raw.set_ylabel("return")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=9, loc="lower left")
 
     ax = axes[1]
     errorbar_by_window(ax, unguided, "value_rate", UNGUIDED, "unguided")
@@ -199,7 +200,7 @@ def plot_episode_scatter(res: SweepResults, seed: int = 0):
 
     ref = res.summary["references"]
     rng = np.random.default_rng(seed)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
     for guided, color, offset in ((False, UNGUIDED, -0.17), (True, GUIDED, 0.17)):
         eps = [e for e in res.episodes if e["guided"] == guided]
         if not eps:
@@ -218,7 +219,7 @@ def plot_episode_scatter(res: SweepResults, seed: int = 0):
            title=f"Every episode ({res.summary['episodes_per_setting']} per setting)")
     ax.set_xticks(range(1, res.summary["horizon"] + 1))
     ax.secondary_yaxis("right", functions=(lambda r: r * 100 / ref["data_mean_return"], lambda y: y * ref["data_mean_return"] / 100)).set_ylabel("normalized")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=9, loc="lower left", ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -228,7 +229,7 @@ def plot_drift(res: SweepResults):
     """Plan versus reality: drift by offset within the executed window, and at the window's end against k."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(2, 1, figsize=(7.0, 6.6))
     ax = axes[0]
     windows = sorted({r["window"] for r in res.drift if not r["guided"]})
     cmap = plt.get_cmap("viridis")
@@ -241,14 +242,14 @@ def plot_drift(res: SweepResults):
         ax.fill_between(r_, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.15)
     ax.set(xlabel="steps since the plan was made (r)", ylabel="RMS error, data std units",
            title="Real state vs the plan's prediction (unguided)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=9, ncol=4)
 
     ax = axes[1]
     errorbar_by_window(ax, _settings(res, False), "window_end_drift", UNGUIDED, "unguided")
     errorbar_by_window(ax, _settings(res, True), "window_end_drift", GUIDED, "guided", offset=0.12)
     ax.set(xlabel="executed window k", ylabel="RMS error at r = min(k, H-1)", title="Drift at the end of the executed window")
     ax.set_xticks(range(1, res.summary["horizon"] + 1))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9)
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -259,7 +260,7 @@ def plot_shift(res: SweepResults):
     """Leaving the data before a fall: distance to the nearest training state, and plan drift relative to steady walking."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(2, 1, figsize=(7.0, 6.6))
     for ax, metric, title, ylabel in (
         (axes[0], "nn_distance", "Distance from the nearest state in the data", "RMS distance, data std units"),
         (axes[1], "plan_drift_ratio", "Drift of the plans made before a fall", "drift / same window's steady drift"),
@@ -277,7 +278,7 @@ def plot_shift(res: SweepResults):
         else:
             ax.axhline(1.0, color=UNGUIDED, ls="--", label="steady walking")
         ax.set(xlabel="steps relative to the fall", ylabel=ylabel, title=title)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=9, loc="upper left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
