@@ -124,11 +124,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from diffusion_rl.evaluation import evaluate
 
+    from diffusion_rl.control import controller_from_name
+
+    controller = controller_from_name(args.controller, window=args.window, threshold=args.threshold)
     planner = _load_planner(args).with_options(guide_placement=args.guide_placement, clip_actions=args.clip_actions)
     summary = evaluate(
-        planner, window=args.window, guidance_scale=args.guidance_scale, n_samples=args.samples,
+        planner, guidance_scale=args.guidance_scale, n_samples=args.samples,
         seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=args.ddim_steps,
-        max_steps=args.max_steps, progress=not args.no_progress,
+        max_steps=args.max_steps, progress=not args.no_progress, controller=controller,
     )
     print(json.dumps({k: v for k, v in summary.items() if k not in ("returns", "seeds")}, indent=2))
     return 0
@@ -239,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="closed-loop episodes of a planner: mean return, falls, percent of the data")
     _add_planner_args(p)
-    p.add_argument("--window", type=int, default=1, help="executed window k: actions run per plan, 1..H (default: 1)")
+    p.add_argument("--controller", default="fixed", help="when to replan: fixed (every --window steps) or state-error "
+                   "(when the real state leaves the plan's prediction by more than --threshold) (default: fixed)")
+    p.add_argument("--window", type=int, default=None, help="fixed controller: executed window k, actions run per plan, 1..H (default: 1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="state-error controller: replan when the RMS distance to the planned state, in data standard deviations, exceeds this")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-guidance scale kappa (default: unguided)")
     p.add_argument("--samples", type=int, default=1, help="plans per replanning; >1 keeps the best by value (default: 1)")
     p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")

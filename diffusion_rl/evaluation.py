@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from diffusion_rl.checkpoint import atomic_write_json
+from diffusion_rl.control import Controller
 from diffusion_rl.envs import EVAL_SEEDS
 from diffusion_rl.planner import Planner, rollout, summarize
 
@@ -33,17 +34,22 @@ def dataset_reference(dataset_id: str) -> dict:
 
 def evaluate(
     planner: Planner,
-    window: int = 1,
+    window: int | None = None,
     guidance_scale: float | None = None,
     seeds: Iterable[int] = EVAL_SEEDS,
     n_samples: int = 1,
     ddim_steps: int | None = None,
     max_steps: int = 1000,
     progress: bool = False,
+    controller: Controller | None = None,
 ) -> dict:
-    """Closed-loop episodes on ``seeds``: mean/std return, falls, percent of the data's mean return, wall time."""
+    """Closed-loop episodes on ``seeds``: mean/std return, falls, percent of the data's mean return, the planning work, wall time.
+
+    ``window`` k (default 1) or a ``controller`` decides when to replan.
+    """
     t0 = time.perf_counter()
-    results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress)
+    results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress, controller=controller)
+    wall = time.perf_counter() - t0
     if "dataset" not in planner.meta and "config" in planner.meta:
         planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
     reference = planner.meta.get("dataset", {}).get("mean_return")
@@ -54,8 +60,16 @@ def evaluate(
         out["clip_actions"] = True
     if ddim_steps is not None or n_samples > 1:
         out.update(ddim_steps=ddim_steps, n_samples=n_samples)
-    out["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    out["env_steps"] = int(sum(r.length for r in results))
+    steps = int(sum(r.length for r in results))
+    plans = sum(r.n_plans for r in results)
+    out["controller"] = results[0].controller
+    out["plans"] = plans
+    out["steps_per_plan"] = steps / max(plans, 1)
+    out["denoiser_evals_per_step"] = sum(r.denoiser_evals for r in results) / max(steps, 1)
+    out["guidance_gradients_per_step"] = sum(r.guidance_gradients for r in results) / max(steps, 1)
+    out["wall_time_s"] = round(wall, 1)
+    out["env_steps"] = steps
+    out["env_steps_per_s"] = round(steps / wall, 1)
     return out
 
 

@@ -201,17 +201,16 @@ def _arm_dict(a: Arm) -> dict:
 
 def _row(a: Arm, r: EpisodeResult, ref: dict, planner: Planner) -> dict:
     """One episode as a CSV row (rounded so the file does not depend on float printing)."""
-    plans = len(r.plan_steps)
+    plans = r.n_plans
     A = planner.action_dim
     drift = plan_drift(r.states, r.plans[..., A:], r.plan_steps, r.window, planner.obs_normalizer.scale)
     end = min(r.window, planner.horizon - 1) - 1  # for k = H the last state a plan predicts is at offset H - 1
     executed = np.concatenate([p[: r.window, :A] for p in r.plans]) if plans else np.zeros((0, A))
-    steps_per_plan = a.ddim_steps or planner.diffusion.n_timesteps
     return {
         "setting": a.name, "window": a.window, "guidance_scale": "" if a.guidance_scale is None else a.guidance_scale,
         "seed": r.seed, "return": round(r.total_return, 3), "normalized": round(scores(r.total_return, r.length, ref)["normalized"], 5),
         "fell": int(r.fell), "diverged": int(r.diverged), "env_steps": r.length, "plans": plans,
-        "denoiser_evals": plans * steps_per_plan,
+        "denoiser_evals": r.denoiser_evals,
         "window_end_drift": _round(_finite_mean(drift[:, end])) if drift.size else "",
         "clipped_action_share": _round(float((np.abs(executed) > 1).mean())) if executed.size else "",
     }

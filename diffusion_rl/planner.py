@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from diffusion_rl.control import Controller, FixedWindow
 from diffusion_rl.data import Normalizer
 from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement
 from diffusion_rl.envs import ENV_ID, make_env
@@ -232,13 +233,19 @@ class Planner:
 
 @dataclass
 class EpisodeResult:
-    """One closed-loop episode. With ``record``: states (T+1, obs), the root x positions the
+    """One closed-loop episode. ``window``: the most actions one plan could run (k for a fixed window);
+    ``n_plans``, ``denoiser_evals`` and ``guidance_gradients`` count the planning work (a DDIM plan of S
+    steps is S evaluations; each of best-of-N's samples counts). With ``record``: states (T+1, obs), the root x positions the
     observations omit (T+1,), actions (T, act), rewards (T,), and the plans in force:
     ``plans[j]`` (H, act+obs, env units) began at step ``plan_steps[j]``; its row r predicts step ``plan_steps[j] + r``."""
 
     seed: int
     window: int
     guidance_scale: float | None
+    controller: str = ""
+    n_plans: int = 0
+    denoiser_evals: int = 0
+    guidance_gradients: int = 0
     total_return: float = 0.0
     length: int = 0
     fell: bool = False
@@ -263,7 +270,7 @@ def _per_episode(value, n: int, name: str) -> list:
 def rollout(
     planner: Planner,
     seeds: Sequence[int],
-    window: int | Sequence[int] = 1,
+    window: int | Sequence[int] | None = None,
     guidance_scale: float | None | Sequence[float | None] = None,
     n_samples: int = 1,
     ddim_steps: int | None = None,
@@ -274,47 +281,63 @@ def rollout(
     progress: bool = False,
     on_episode_end: Callable[[int, EpisodeResult], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    controller: Controller | Sequence[Controller] | None = None,
 ) -> list[EpisodeResult]:
     """Run one closed-loop episode per reset seed, all at once; returns their results in seed order.
 
-    At each replanning point every live episode samples a plan from its real state and executes its
-    first ``window`` actions. ``window`` and ``guidance_scale`` may differ per episode (one value per
-    seed), so a whole sweep shares each call to the denoiser. Episodes end on a fall (termination),
-    at ``max_steps``, or if the simulation produces a non-finite state (flagged ``diverged``);
-    ``on_episode_end(index, result)`` is called as each one ends, ``on_step(1)`` after every step.
+    Each episode's ``controller`` (:mod:`diffusion_rl.control`; one for all, copied per episode, or
+    one per seed) decides at every step whether to replan and which planned action to take;
+    ``window`` k is shorthand for ``FixedWindow(k)`` (default 1). Every live episode that wants a plan
+    samples one from its real state, and ``window``/``controller`` and ``guidance_scale`` may differ
+    per episode, so a whole sweep shares each call to the denoiser. Episodes end on a fall
+    (termination), at ``max_steps``, or if the simulation produces a non-finite state (flagged
+    ``diverged``); ``on_episode_end(index, result)`` is called as each one ends, ``on_step(1)`` after every step.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("rollout needs at least one seed.")
-    windows = [check_window(w, planner.horizon) for w in _per_episode(window, len(seeds), "window")]
+    if controller is not None and window is not None:
+        raise ValueError("Give rollout a window or a controller, not both (a window k is the controller FixedWindow(k)).")
+    if controller is None:
+        windows = [check_window(w, planner.horizon) for w in _per_episode(1 if window is None else window, len(seeds), "window")]
+        controllers = [FixedWindow(w) for w in windows]
+    else:
+        controllers = [copy.deepcopy(c) for c in _per_episode(controller, len(seeds), "controller")]
+    scale = planner.obs_normalizer.scale
+    controllers = [c.bind(planner.horizon, scale) for c in controllers]
     scales = [check_guidance_scale(g) for g in _per_episode(guidance_scale, len(seeds), "guidance_scale")]
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
     envs = [make_env(env_id, max_episode_steps=max_steps) for _ in seeds]
-    results = [EpisodeResult(seed=s, window=w, guidance_scale=g) for s, w, g in zip(seeds, windows, scales)]
+    results = [EpisodeResult(seed=s, window=c.max_window, guidance_scale=g, controller=c.label()) for s, c, g in zip(seeds, controllers, scales)]
+    evals_per_plan = n_samples * (ddim_steps or planner.diffusion.n_timesteps)
+    gradients_per_plan = n_samples * planner.n_guide_steps * max(0, len(planner.diffusion.levels(ddim_steps)) - planner.t_stopgrad)
     gens = [episode_generator(s) for s in seeds]
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
     logs = [_Log(o, env) for o, env in zip(obs, envs)] if record else None
     live = list(range(len(seeds)))
-    current = np.zeros((len(seeds), planner.horizon, planner.action_dim), np.float32)
     bar = _bar(progress, max_steps)
     try:
         with torch_threads(threads):
             for step in range(max_steps):
                 if not live:
                     break
-                replan = [i for i in live if step % windows[i] == 0]
+                replan = [i for i in live if controllers[i].wants_plan(obs[i])]
                 # One denoiser call per guidance scale: every episode that replans now shares it.
-                for scale in dict.fromkeys(scales[i] for i in replan):
-                    rows = [i for i in replan if scales[i] == scale]
-                    plan = planner.plan(obs[rows], scale, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps)
-                    current[rows] = plan.actions
-                    if record:
-                        for j, i in enumerate(rows):
+                for g in dict.fromkeys(scales[i] for i in replan):
+                    rows = [i for i in replan if scales[i] == g]
+                    plan = planner.plan(obs[rows], g, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps)
+                    for j, i in enumerate(rows):
+                        controllers[i].new_plan(plan.actions[j], plan.observations[j])
+                        r = results[i]
+                        r.n_plans, r.denoiser_evals = r.n_plans + 1, r.denoiser_evals + evals_per_plan
+                        r.guidance_gradients += gradients_per_plan if g is not None else 0
+                        if record:
                             logs[i].plan(step, np.concatenate([plan.actions[j], plan.observations[j]], 1))
                 still = []
                 for i in live:
-                    action = np.clip(current[i, step % windows[i]], -1.0, 1.0)
+                    action = np.clip(controllers[i].action(), -1.0, 1.0)
+                    controllers[i].advance()
                     o, reward, terminated, truncated, _ = envs[i].step(action)
                     r = results[i]
                     finite = bool(np.all(np.isfinite(o))) and math.isfinite(reward)

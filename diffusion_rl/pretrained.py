@@ -43,22 +43,21 @@ def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = Tru
     from diffusion_rl.runtime import pick_device
 
     diffusion, normalizer, meta = load_network(asset_path(name, "diffuser"))
-    value = None
-    if with_value:
-        value, value_normalizer, _ = load_network(asset_path(name, "value"))
+    value, value_normalizer = load_network(asset_path(name, "value"))[:2] if with_value else (None, None)
+    planner = Planner(diffusion, normalizer, value, meta, **planner_options)  # checks the shapes first
+    if value_normalizer is not None:
         check_same_data(normalizer, value_normalizer)
-    planner = Planner(diffusion, normalizer, value, meta, **planner_options)
     return planner.to(pick_device(device))
 
 
 def load_run(diffuser_run: str | os.PathLike, value_run: str | os.PathLike | None = None, **planner_options) -> Planner:
     """A planner from training runs' checkpoints (their EMA weights), for example mid-training."""
     diffusion, normalizer, cfg = _from_checkpoint(diffuser_run, "diffuser")
-    value = None
-    if value_run is not None:
-        value, value_normalizer, _ = _from_checkpoint(value_run, "value")
+    value, value_normalizer = _from_checkpoint(value_run, "value")[:2] if value_run is not None else (None, None)
+    planner = Planner(diffusion, normalizer, value, {"config": cfg}, **planner_options)  # checks the shapes first
+    if value_normalizer is not None:
         check_same_data(normalizer, value_normalizer)
-    return Planner(diffusion, normalizer, value, {"config": cfg}, **planner_options)
+    return planner
 
 
 def check_same_data(diffuser_normalizer: Normalizer, value_normalizer: Normalizer) -> None:

@@ -1,0 +1,135 @@
+"""Controllers: the layer between a plan and the environment that decides when to replan.
+
+A plan predicts H states and actions. A controller holds the plan in force for one episode and,
+at every step, answers two questions: is it time for a new plan, and which of the plan's actions
+is taken now. :func:`~diffusion_rl.planner.rollout` asks every episode's controller at every step
+and batches the episodes that want a plan into shared denoiser calls, so controllers that replan
+at different moments still plan together.
+
+* :class:`FixedWindow` (k): execute the first k actions of each plan, then replan. k = 1 replans at
+  every step; k = H executes whole plans open loop. This is the study's (and the window sweep's) rule.
+* :class:`StateError` (tau): keep executing while the real state stays near the state the plan
+  predicted for this step, and replan once the normalized distance exceeds tau, or the plan runs
+  out. tau = 0 is k = 1 and tau = infinity is k = H; in between, the plan lasts as long as reality follows it.
+
+``controller_from_name`` builds one from the names the command line uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["CONTROLLERS", "Controller", "FixedWindow", "StateError", "controller_from_name"]
+
+
+class Controller:
+    """One episode's replanning rule. Subclasses set ``name`` and implement :meth:`wants_plan`."""
+
+    name = "controller"
+
+    def __init__(self):
+        self.actions: np.ndarray | None = None  # (H, act_dim): the plan in force
+        self.states: np.ndarray | None = None  # (H, obs_dim): the states it predicts
+        self.offset = 0  # steps executed since the plan was made; row `offset` predicts the current state
+
+    def bind(self, horizon: int, obs_scale: np.ndarray) -> Controller:
+        """Learn the plan's horizon and the observation's scale (the planner's normalizer); returns self."""
+        self.horizon, self.obs_scale = horizon, np.asarray(obs_scale, np.float64)
+        return self
+
+    def wants_plan(self, obs: np.ndarray) -> bool:
+        """Whether the episode needs a new plan before acting from the real observation ``obs``."""
+        raise NotImplementedError
+
+    def new_plan(self, actions: np.ndarray, states: np.ndarray) -> None:
+        """Put a fresh plan in force (its row 0 is the current state)."""
+        self.actions, self.states, self.offset = actions, states, 0
+
+    def action(self) -> np.ndarray:
+        """The plan's action for this step."""
+        return self.actions[self.offset]
+
+    def advance(self) -> None:
+        """The action was executed: the plan is one step older."""
+        self.offset += 1
+
+    @property
+    def max_window(self) -> int:
+        """The most actions one plan can have executed (for analyses that compare plan and reality)."""
+        return self.horizon
+
+    def label(self) -> str:
+        """A short name with the options, for tables and file names."""
+        return self.name
+
+
+class FixedWindow(Controller):
+    """Execute the first ``window`` actions of each plan, then replan (the executed window k)."""
+
+    name = "fixed"
+
+    def __init__(self, window: int):
+        super().__init__()
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"The executed window must be a positive integer, got {window!r}.")
+        self.window = int(window)
+
+    def bind(self, horizon: int, obs_scale: np.ndarray) -> Controller:
+        if not 1 <= self.window <= horizon:
+            raise ValueError(f"The executed window must be an integer in 1..{horizon} (the plan's horizon), got {self.window!r}.")
+        return super().bind(horizon, obs_scale)
+
+    def wants_plan(self, obs: np.ndarray) -> bool:
+        return self.actions is None or self.offset >= self.window
+
+    @property
+    def max_window(self) -> int:
+        return self.window
+
+    def label(self) -> str:
+        return f"fixed-k{self.window}"
+
+
+class StateError(Controller):
+    """Replan when the real state leaves the plan's prediction by more than ``threshold`` (RMS in data stds), or the plan ends."""
+
+    name = "state-error"
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or math.isnan(threshold) or threshold < 0:
+            raise ValueError(f"The replanning threshold must be a number >= 0 (inf: never before the plan ends), got {threshold!r}.")
+        self.threshold = float(threshold)
+
+    def error(self, obs: np.ndarray) -> float:
+        """RMS distance between the real state and the plan's prediction for it, in the data's standard deviations."""
+        return float(np.sqrt(np.mean(((obs - self.states[self.offset]) / self.obs_scale) ** 2)))
+
+    def wants_plan(self, obs: np.ndarray) -> bool:
+        if self.actions is None or self.offset >= self.horizon:
+            return True
+        return self.offset > 0 and self.error(obs) > self.threshold
+
+    def label(self) -> str:
+        return f"state-error-{self.threshold:g}"
+
+
+CONTROLLERS = {"fixed": FixedWindow, "state-error": StateError}
+"""Controllers by the name the command line uses."""
+
+
+def controller_from_name(name: str, window: int | None = None, threshold: float | None = None) -> Controller:
+    """A controller from its command-line name and options; options it does not take are refused."""
+    if name not in CONTROLLERS:
+        raise ValueError(f"Unknown controller {name!r}; choose from {', '.join(CONTROLLERS)}.")
+    if name == "fixed":
+        if threshold is not None:
+            raise ValueError("The fixed controller takes --window, not --threshold.")
+        return FixedWindow(1 if window is None else window)
+    if window is not None:
+        raise ValueError(f"The {name} controller decides its own window; it takes --threshold, not --window.")
+    if threshold is None:
+        raise ValueError(f"The {name} controller needs --threshold.")
+    return StateError(threshold)

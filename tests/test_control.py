@@ -1,0 +1,76 @@
+"""Controllers: the fixed window is the old rule bit for bit; the state-error trigger's limits; bad options."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from diffusion_rl import pretrained
+from diffusion_rl.control import FixedWindow, StateError, controller_from_name
+from diffusion_rl.planner import rollout
+
+
+@pytest.fixture(scope="module")
+def planner():
+    return pretrained.load("walker2d-h8", device="cpu")
+
+
+def same(a, b) -> bool:
+    return [(r.total_return, r.length, r.fell, r.n_plans) for r in a] == [(r.total_return, r.length, r.fell, r.n_plans) for r in b]
+
+
+def test_a_fixed_window_controller_is_the_window_rule_bit_for_bit(planner):
+    """The scored k = 8 episodes replay to the shipped sidecar's returns through the controller layer too."""
+    score = planner.meta["score"]["unguided_k8"]
+    seeds = [score["seeds"][0], score["seeds"][7]]
+    results = rollout(planner, seeds, controller=FixedWindow(8))
+    assert [round(r.total_return, 2) for r in results] == [score["returns"][0], score["returns"][7]]
+    assert all(r.n_plans == math.ceil(r.length / 8) and r.denoiser_evals == 20 * r.n_plans for r in results)
+
+
+def test_threshold_zero_is_k1_and_infinity_is_kH(planner):
+    seeds = [10_000, 10_001]
+    assert same(rollout(planner, seeds, controller=StateError(0.0), max_steps=60), rollout(planner, seeds, window=1, max_steps=60))
+    assert same(rollout(planner, seeds, controller=StateError(math.inf), max_steps=120), rollout(planner, seeds, window=8, max_steps=120))
+
+
+def test_a_middle_threshold_replans_between_the_two(planner):
+    (r,) = rollout(planner, [10_002], controller=StateError(0.3), max_steps=200)
+    assert 200 / 8 < r.n_plans < 200 and r.controller == "state-error-0.3" and r.window == 8
+
+
+def test_controllers_do_not_depend_on_their_batch_mates(planner):
+    """An adaptive episode that shares its denoiser calls with others gives the same result alone."""
+    mixed = rollout(planner, [10_003, 10_004, 10_005], controller=[StateError(0.3), FixedWindow(2), StateError(0.1)], max_steps=80)
+    alone = rollout(planner, [10_003], controller=StateError(0.3), max_steps=80)
+    assert same(mixed[:1], alone)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: StateError(-0.1), ">= 0"), (lambda: StateError(float("nan")), ">= 0"), (lambda: FixedWindow(0), "positive"),
+    (lambda: controller_from_name("oracle"), "Unknown controller"),
+    (lambda: controller_from_name("fixed", window=2, threshold=0.3), "not --threshold"),
+    (lambda: controller_from_name("state-error", window=2, threshold=0.3), "not --window"),
+    (lambda: controller_from_name("state-error"), "needs --threshold"),
+])
+def test_bad_controller_options_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
+
+
+def test_window_and_controller_together_or_a_window_past_h_are_refused(planner):
+    with pytest.raises(ValueError, match="not both"):
+        rollout(planner, [0], window=2, controller=FixedWindow(2), max_steps=3)
+    with pytest.raises(ValueError, match="1..8"):
+        rollout(planner, [0], controller=FixedWindow(9), max_steps=3)
+
+
+def test_state_error_measures_in_data_standard_deviations():
+    c = StateError(1.0).bind(8, np.array([1.0, 2.0]))
+    c.new_plan(np.zeros((8, 1)), np.zeros((8, 2)))
+    assert c.wants_plan(np.array([5.0, 5.0])) is False  # offset 0: the plan starts at the real state
+    c.advance()
+    assert math.isclose(c.error(np.array([1.0, 2.0])), 1.0)
+    assert not c.wants_plan(np.array([1.0, 2.0])) and c.wants_plan(np.array([1.5, 2.0]))
