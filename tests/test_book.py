@@ -145,6 +145,23 @@ def test_every_page_works_in_a_browser(html):
                 ".filter(p => p.getBoundingClientRect().right > col.right + 1 || p.scrollWidth > p.clientWidth + 1)"
                 ".map(p => p.textContent.slice(0, 60))")
             assert not wide_pre, f"{chapter}: code wider than the column at 1280 px: {wide_pre}"
+            # Display equations and output areas fit the column too, also those inside hint, solution and
+            # hidden-code dropdowns (opened here so that they are laid out); MathJax typesets asynchronously.
+            driver.execute_script("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+            assert _wait(driver, "Array.from(document.querySelectorAll('div.math')).every(m => m.querySelector('mjx-container'))"), \
+                f"{chapter}: MathJax did not typeset every display equation"
+            wide_math = driver.execute_script(
+                "const col = document.querySelector('article.bd-article').getBoundingClientRect();"
+                "return Array.from(document.querySelectorAll('div.math mjx-container, div.cell_output'))"
+                ".filter(e => { const r = (e.querySelector(':scope > svg') || e).getBoundingClientRect();"
+                "  return r.width > 0 && (r.right > col.right + 1 || e.scrollWidth > e.clientWidth + 1); })"
+                ".map(e => e.tagName + ': ' + (e.closest('div.math') || e).textContent.slice(0, 60))")
+            assert not wide_math, f"{chapter}: display equations or outputs wider than the column at 1280 px: {wide_math}"
+            # A video is never shown wider than it was rendered: scaling up blurs the walker.
+            blown_up = driver.execute_script(
+                "return Array.from(document.querySelectorAll('video')).filter(v => v.videoWidth > 0 && "
+                "v.getBoundingClientRect().width > v.videoWidth + 1).map(v => [v.videoWidth, v.getBoundingClientRect().width])")
+            assert not blown_up, f"{chapter}: videos shown wider than rendered (native, shown): {blown_up}"
             # The 88-column code cells fit without even the CSS fallback's wrapping (book/_static/book.css).
             wrapped = driver.execute_script(
                 "return Array.from(document.querySelectorAll('div.cell_input pre')).filter(p => {"
