@@ -196,11 +196,14 @@ def plot_toy_step(toy: ToyDiffusion, forward: torch.Tensor, reverse: torch.Tenso
     xx, yy = torch.meshgrid(g, g, indexing="xy")
     dens = density(toy.data, torch.stack([xx.flatten(), yy.flatten()], 1), abar).reshape(xx.shape)
     fig, axes = plt.subplots(1, 2, figsize=(7.0, 3.5), sharex=True, sharey=True)
+    forward_title = "the data $x^0$" if t == 0 else rf"forward: $x^{{{t}}} \sim q(x^{{{t}}} \mid x^0)$"
+    # Contours at fixed shares of the peak: none in the empty corners, where the density is ~0.
+    levels = float(dens.max()) * np.array([0.05, 0.2, 0.4, 0.6, 0.8])
     for ax, pts, title, colour in [
-        (axes[0], forward[t], rf"forward: $x^{{{t}}} \sim q(x^{{{t}}} \mid x^0)$", "tab:blue"),
+        (axes[0], forward[t], forward_title, "tab:blue"),
         (axes[1], reverse[T - t], rf"reverse: $x^{{{t}}}$ from the model", "tab:red"),
     ]:
-        ax.contour(xx, yy, dens, levels=6, colors="0.6", linewidths=0.7)
+        ax.contour(xx, yy, dens, levels=levels, colors="0.6", linewidths=0.7)
         ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.5, color=colour)
         ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title)
         ax.title.set_size(10)
