@@ -72,9 +72,9 @@ class FixedWindow(Controller):
 
     def __init__(self, window: int):
         super().__init__()
-        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-            raise ValueError(f"The executed window must be a positive integer, got {window!r}.")
-        self.window = int(window)
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+            raise ValueError(f"The executed window must be an integer, got {window!r}.")
+        self.window = int(window)  # its range, 1..H, is checked once the plan's horizon is known (bind)
 
     def bind(self, horizon: int, obs_scale: np.ndarray) -> Controller:
         if not 1 <= self.window <= horizon:

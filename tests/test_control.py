@@ -49,7 +49,7 @@ def test_controllers_do_not_depend_on_their_batch_mates(planner):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda: StateError(-0.1), ">= 0"), (lambda: StateError(float("nan")), ">= 0"), (lambda: FixedWindow(0), "positive"),
+    (lambda: StateError(-0.1), ">= 0"), (lambda: StateError(float("nan")), ">= 0"), (lambda: FixedWindow(2.5), "integer"), (lambda: FixedWindow(0).bind(8, np.ones(17)), "1..8"),
     (lambda: controller_from_name("oracle"), "Unknown controller"),
     (lambda: controller_from_name("fixed", window=2, threshold=0.3), "not --threshold"),
     (lambda: controller_from_name("state-error", window=2, threshold=0.3), "not --window"),
