@@ -208,7 +208,7 @@ def plan_ghost_qpos(plan_observations: np.ndarray, x0: float) -> np.ndarray:
 def plan_strip(
     observations: np.ndarray,
     spacing: float = 0.45,
-    width: int = 720,
+    width: int = 640,
     height: int = 280,
     ghost_rgba: tuple[float, ...] = (0.3, 0.6, 1.0, 0.6),
 ) -> np.ndarray:
@@ -216,7 +216,8 @@ def plan_strip(
 
     The first pose (the real, conditioning state) is drawn solid and the planned ones as ghosts,
     from a fixed side camera that frames the whole row, so strips of different plans compare.
-    Neighbouring poses overlap a little: that keeps each walker over 150 px tall at 720 px wide.
+    Neighbouring poses overlap a little: that keeps each walker over 150 px tall at 640 px wide,
+    a width that fits the book's text column.
     """
     import mujoco
 
@@ -408,9 +409,11 @@ def video_html(
     else:
         data = Path(frames_or_path).read_bytes()
     size = f' width="{int(width)}"' if width is not None else ""
+    # Never wider than the text column (a narrow page shrinks it); without `width`, never scaled up.
+    style = ' style="max-width: 100%; height: auto"'
     b64 = base64.b64encode(data).decode("ascii")
     return (
-        f"<video controls loop autoplay muted playsinline{size}>"
+        f"<video controls loop autoplay muted playsinline{size}{style}>"
         f'<source src="data:video/mp4;base64,{b64}" type="video/mp4"></video>'
     )
 

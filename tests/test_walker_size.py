@@ -40,5 +40,5 @@ def test_plan_strip_shows_tall_walkers(standing):
     obs = np.repeat(standing[None], 8, 0)
     plain = video.plan_strip(obs, ghost_rgba=(0.3, 0.6, 1.0, 0.0))  # ghosts invisible: the real walker only
     marked = video.plan_strip(obs, ghost_rgba=(1.0, 1.0, 0.0, 1.0))
-    assert plain.shape == (280, 720, 3)
+    assert plain.shape == (280, 640, 3)
     assert _walker_rows(plain, marked) >= MIN_PX
