@@ -131,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = evaluate(
         planner, guidance_scale=args.guidance_scale, n_samples=args.samples,
         seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=args.ddim_steps,
-        max_steps=args.max_steps, progress=not args.no_progress, controller=controller,
+        max_steps=args.max_steps, progress=not args.no_progress, controller=controller, warm_start=args.warm_start,
     )
     print(json.dumps({k: v for k, v in summary.items() if k not in ("returns", "seeds")}, indent=2))
     return 0
@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-guidance scale kappa (default: unguided)")
     p.add_argument("--samples", type=int, default=1, help="plans per replanning; >1 keeps the best by value (default: 1)")
     p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")
+    p.add_argument("--warm-start", type=int, default=None,
+                   help="start each replan from the previous plan, shifted and re-noised to N of the sampler's levels (default: from pure noise)")
     p.add_argument("--guide-placement", choices=["after", "before"], default="after",
                    help="guide each reverse step's result (after, the study's notebook) or x_t before the step (before, Diffuser's code) (default: after)")
     p.add_argument("--clip-actions", action="store_true", help="keep planned actions inside [-1, 1] while sampling, not only when executed")

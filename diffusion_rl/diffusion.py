@@ -32,6 +32,7 @@ __all__ = [
     "GuidePlacement",
     "NoiseSchedule",
     "Sample",
+    "check_warm_start",
     "condition",
     "denoising_error",
     "forward_chain",
@@ -293,6 +294,7 @@ class GaussianDiffusion(nn.Module):
         ddim_steps: int | None = None,
         return_chain: bool = False,
         action_bounds: ActionBounds | None = None,
+        warm_start: tuple[torch.Tensor, int] | None = None,
     ) -> Sample:
         """Sample plans that start at ``state`` (B, obs_dim), normalized.
 
@@ -301,20 +303,30 @@ class GaussianDiffusion(nn.Module):
         deterministic DDIM sampler (Song et al. 2021) on that many evenly spaced levels.
         ``action_bounds`` keeps every predicted tau^0's actions in range, so the denoiser's later
         steps (and the plan's states) follow the actions the environment will really apply.
+        ``warm_start = (tau, n)`` starts from a guess ``tau`` (B, H, D) of the plan instead of pure
+        noise: it is noised to level n - 1 and only those n levels are denoised (Diffuser, section 5.4).
         """
         B = state.shape[0]
-        n_steps = self.n_timesteps if ddim_steps is None else ddim_steps
-        if ddim_steps is not None and not (isinstance(ddim_steps, int) and 1 <= ddim_steps <= self.n_timesteps):
-            raise ValueError(f"ddim_steps must be an integer in 1..{self.n_timesteps}, got {ddim_steps!r}.")
+        top = self.n_timesteps - 1
+        if warm_start is not None:
+            start, n = warm_start
+            top = check_warm_start(n, self.n_timesteps) - 1
+            if start.shape != (B, self.horizon, self.transition_dim):
+                raise ValueError(f"The warm start has shape {tuple(start.shape)}, expected {(B, self.horizon, self.transition_dim)}.")
+        levels = self.levels(ddim_steps, top)
+        n_steps = len(levels)
         if noise is None:
             noise = self.sample_noise(B, n_steps, generator)
         if noise.shape != (n_steps + 1, B, self.horizon, self.transition_dim):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(n_steps + 1, B, self.horizon, self.transition_dim)}.")
         noise = noise.to(state.device, state.dtype)
 
-        x = condition(noise[0].clone(), state, self.action_dim)
+        if warm_start is None:
+            x = condition(noise[0].clone(), state, self.action_dim)
+        else:
+            t_top = torch.full((B,), top, device=state.device, dtype=torch.long)
+            x = condition(self.schedule.q_sample(warm_start[0].to(state.device, state.dtype), t_top, noise[0]), state, self.action_dim)
         chain = [x.clone()] if return_chain else None
-        levels = self.levels(ddim_steps)
         for i, t_int in enumerate(levels):
             t_next = levels[i + 1] if i + 1 < len(levels) else -1  # the level x reaches; -1 is the clean plan
             guided = guide is not None and i < len(levels) - guide.t_stopgrad
@@ -338,14 +350,20 @@ class GaussianDiffusion(nn.Module):
             values = guide.value(x, torch.zeros(B, device=x.device, dtype=torch.long))
         return Sample(x, torch.stack(chain) if return_chain else None, values)
 
-    def levels(self, ddim_steps: int | None = None) -> list[int]:
-        """The levels the sampler steps from, noisiest first: every level (DDPM), or ``ddim_steps``
-        evenly spaced ones from T - 1 down to 0 (a single DDIM step jumps from T - 1 straight to the clean plan)."""
+    def levels(self, ddim_steps: int | None = None, top: int | None = None) -> list[int]:
+        """The levels the sampler steps from, noisiest first: every level from ``top`` (default T - 1)
+        down to 0 (DDPM), or ``ddim_steps`` evenly spaced ones (a single DDIM step jumps from ``top``
+        straight to the clean plan)."""
+        top = self.n_timesteps - 1 if top is None else top
+        if not isinstance(top, int) or not 0 <= top < self.n_timesteps:
+            raise ValueError(f"The top level must be an integer in 0..{self.n_timesteps - 1}, got {top!r}.")
         if ddim_steps is None:
-            return list(range(self.n_timesteps - 1, -1, -1))
-        if ddim_steps == 1:  # linspace(0, T - 1, 1) is [0]: pure noise would be labelled as almost clean
-            return [self.n_timesteps - 1]
-        return sorted({int(round(v)) for v in np.linspace(0, self.n_timesteps - 1, ddim_steps)}, reverse=True)
+            return list(range(top, -1, -1))
+        if isinstance(ddim_steps, bool) or not isinstance(ddim_steps, int) or not 1 <= ddim_steps <= top + 1:
+            raise ValueError(f"ddim_steps must be an integer in 1..{top + 1} (the levels it can step through), got {ddim_steps!r}.")
+        if ddim_steps == 1:  # linspace(0, top, 1) is [0]: pure noise would be labelled as almost clean
+            return [top]
+        return sorted({int(round(v)) for v in np.linspace(0, top, ddim_steps)}, reverse=True)
 
     def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: int, action_bounds: ActionBounds | None = None) -> torch.Tensor:
         """Deterministic DDIM update (eta = 0) from level t to level t_next (-1: the clean sample)."""
@@ -363,6 +381,13 @@ class GaussianDiffusion(nn.Module):
                 grad = grad * variance
             x = condition(x + guide.scale * grad, state, self.action_dim)
         return x
+
+
+def check_warm_start(n: int, n_timesteps: int) -> int:
+    """Refuse a warm start of n levels outside 1..N."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= n_timesteps:
+        raise ValueError(f"A warm start re-noises the previous plan to n of the {n_timesteps} levels: n must be an integer in 1..{n_timesteps}, got {n!r}.")
+    return int(n)
 
 
 # ----------------------------------------------------------------------------- helpers for the book

@@ -42,13 +42,16 @@ def evaluate(
     max_steps: int = 1000,
     progress: bool = False,
     controller: Controller | None = None,
+    warm_start: int | None = None,
 ) -> dict:
     """Closed-loop episodes on ``seeds``: mean/std return, falls, percent of the data's mean return, the planning work, wall time.
 
-    ``window`` k (default 1) or a ``controller`` decides when to replan.
+    ``window`` k (default 1) or a ``controller`` decides when to replan; ``warm_start`` n re-noises
+    the previous plan to n levels instead of sampling each plan from pure noise.
     """
     t0 = time.perf_counter()
-    results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress, controller=controller)
+    results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress,
+                      controller=controller, warm_start=warm_start)
     wall = time.perf_counter() - t0
     if "dataset" not in planner.meta and "config" in planner.meta:
         planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
@@ -58,8 +61,8 @@ def evaluate(
         out["guide"] = planner.guide_settings()
     if planner.clip_actions:
         out["clip_actions"] = True
-    if ddim_steps is not None or n_samples > 1:
-        out.update(ddim_steps=ddim_steps, n_samples=n_samples)
+    if ddim_steps is not None or n_samples > 1 or warm_start is not None:
+        out.update(ddim_steps=ddim_steps, n_samples=n_samples, warm_start=warm_start)
     steps = int(sum(r.length for r in results))
     plans = sum(r.n_plans for r in results)
     out["controller"] = results[0].controller

@@ -20,12 +20,12 @@ import torch
 
 from diffusion_rl.control import Controller, FixedWindow
 from diffusion_rl.data import Normalizer
-from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement
+from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement, check_warm_start
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import ValueNet
 from diffusion_rl.runtime import torch_threads
 
-__all__ = ["Planner", "Plan", "EpisodeResult", "rollout", "summarize", "check_window", "check_guidance_scale", "episode_generator"]
+__all__ = ["Planner", "Plan", "EpisodeResult", "rollout", "shift_plan", "summarize", "check_window", "check_guidance_scale", "episode_generator"]
 
 
 class Plan(NamedTuple):
@@ -171,11 +171,14 @@ class Planner:
         seed: int | None = None,
         ddim_steps: int | None = None,
         return_chain: bool = False,
+        warm_start: tuple[torch.Tensor, int] | None = None,
     ) -> Plan:
         """Plans from observations (B, obs_dim) or (obs_dim,).
 
         ``n_samples`` > 1 draws that many plans per state and keeps the one the value network rates
         highest (best-of-N). Noise comes from one generator per row (``generators``), or from ``seed``.
+        ``warm_start = (tau, n)``: start each row from its guess ``tau`` (B, H, D, normalized, e.g. the
+        previous plan shifted by :func:`shift_plan`) noised to level n - 1, and denoise n levels only.
         """
         obs = np.asarray(observations, np.float32)
         single = obs.ndim == 1
@@ -195,7 +198,8 @@ class Planner:
         if len(generators) != B:
             raise ValueError(f"Got {len(generators)} generators for {B} observations.")
 
-        n_steps = self.diffusion.n_timesteps if ddim_steps is None else ddim_steps
+        top = None if warm_start is None else check_warm_start(warm_start[1], self.diffusion.n_timesteps) - 1
+        n_steps = len(self.diffusion.levels(ddim_steps, top))
         shape = (n_samples, n_steps + 1, self.horizon, self.diffusion.transition_dim)
         # Row-major (state, sample) order: each row's noise depends only on its own generator.
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, N, steps+1, H, D)
@@ -205,11 +209,16 @@ class Planner:
         with torch.inference_mode() if guide is None else torch.no_grad():
             cond = self.obs_normalizer.normalize(torch.from_numpy(obs).to(self.device)).repeat_interleave(n_samples, 0)
             rows, pad = len(cond), max(0, self.min_batch - len(cond))
+            start = None
+            if warm_start is not None:
+                start = torch.as_tensor(warm_start[0], dtype=torch.float32, device=self.device).repeat_interleave(n_samples, 0)
             if pad:  # see min_batch: padding rows make each row's result independent of its batch-mates
                 cond = torch.cat([cond, cond[:1].expand(pad, -1)])
                 noise = torch.cat([noise, noise.new_zeros(noise.shape[0], pad, *noise.shape[2:])], 1)
+                start = torch.cat([start, start[:1].expand(pad, -1, -1)]) if start is not None else None
             bounds = self.action_bounds() if self.clip_actions else None
-            out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain, action_bounds=bounds)
+            out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain,
+                                        action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]))
             x, values, chain = out.trajectories, out.values, out.chain
             if values is None and self.value is not None:
                 values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
@@ -226,6 +235,14 @@ class Planner:
         if single:
             actions, observations_, vals = actions[0], observations_[0], (vals[0] if vals is not None else None)
         return Plan(actions, observations_, vals, x, chain)
+
+
+def shift_plan(trajectory: torch.Tensor, steps: int) -> torch.Tensor:
+    """A plan (H, D) as seen ``steps`` steps later: its remaining rows first, the last row repeated to fill H."""
+    if steps <= 0:
+        return trajectory
+    rest = trajectory[min(steps, len(trajectory) - 1):]
+    return torch.cat([rest, rest[-1:].expand(len(trajectory) - len(rest), -1)])
 
 
 # ----------------------------------------------------------------------------- the closed loop
@@ -282,6 +299,7 @@ def rollout(
     on_episode_end: Callable[[int, EpisodeResult], None] | None = None,
     on_step: Callable[[int], None] | None = None,
     controller: Controller | Sequence[Controller] | None = None,
+    warm_start: int | None = None,
 ) -> list[EpisodeResult]:
     """Run one closed-loop episode per reset seed, all at once; returns their results in seed order.
 
@@ -292,6 +310,8 @@ def rollout(
     per episode, so a whole sweep shares each call to the denoiser. Episodes end on a fall
     (termination), at ``max_steps``, or if the simulation produces a non-finite state (flagged
     ``diverged``); ``on_episode_end(index, result)`` is called as each one ends, ``on_step(1)`` after every step.
+    ``warm_start`` n: every plan after an episode's first starts from the previous plan, shifted by the
+    steps executed since and noised to level n - 1, and denoises n levels instead of all of them.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -306,12 +326,18 @@ def rollout(
     scale = planner.obs_normalizer.scale
     controllers = [c.bind(planner.horizon, scale) for c in controllers]
     scales = [check_guidance_scale(g) for g in _per_episode(guidance_scale, len(seeds), "guidance_scale")]
+    if warm_start is not None:
+        planner.diffusion.levels(ddim_steps, check_warm_start(warm_start, planner.diffusion.n_timesteps) - 1)  # refuses S > n
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
     envs = [make_env(env_id, max_episode_steps=max_steps) for _ in seeds]
     results = [EpisodeResult(seed=s, window=c.max_window, guidance_scale=g, controller=c.label()) for s, c, g in zip(seeds, controllers, scales)]
-    evals_per_plan = n_samples * (ddim_steps or planner.diffusion.n_timesteps)
-    gradients_per_plan = n_samples * planner.n_guide_steps * max(0, len(planner.diffusion.levels(ddim_steps)) - planner.t_stopgrad)
+    def work(warm: bool) -> tuple[int, int]:
+        """Denoiser evaluations and guidance gradients of one plan, fresh or warm-started."""
+        steps = len(planner.diffusion.levels(ddim_steps, warm_start - 1 if warm else None))
+        return n_samples * steps, n_samples * planner.n_guide_steps * max(0, steps - planner.t_stopgrad)
+
+    previous: list[torch.Tensor | None] = [None] * len(seeds)  # each episode's last plan, normalized
     gens = [episode_generator(s) for s in seeds]
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
     logs = [_Log(o, env) for o, env in zip(obs, envs)] if record else None
@@ -323,15 +349,20 @@ def rollout(
                 if not live:
                     break
                 replan = [i for i in live if controllers[i].wants_plan(obs[i])]
-                # One denoiser call per guidance scale: every episode that replans now shares it.
-                for g in dict.fromkeys(scales[i] for i in replan):
-                    rows = [i for i in replan if scales[i] == g]
-                    plan = planner.plan(obs[rows], g, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps)
+                # One denoiser call per guidance scale (and fresh or warm start): every episode that replans now shares it.
+                for g, warm in dict.fromkeys((scales[i], warm_start is not None and previous[i] is not None) for i in replan):
+                    rows = [i for i in replan if scales[i] == g and (warm_start is not None and previous[i] is not None) == warm]
+                    start = None
+                    if warm:
+                        start = (torch.stack([shift_plan(previous[i], controllers[i].offset) for i in rows]), warm_start)
+                    plan = planner.plan(obs[rows], g, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps, warm_start=start)
+                    evals, gradients = work(warm)
                     for j, i in enumerate(rows):
                         controllers[i].new_plan(plan.actions[j], plan.observations[j])
+                        previous[i] = plan.trajectories[j] if warm_start is not None else None
                         r = results[i]
-                        r.n_plans, r.denoiser_evals = r.n_plans + 1, r.denoiser_evals + evals_per_plan
-                        r.guidance_gradients += gradients_per_plan if g is not None else 0
+                        r.n_plans, r.denoiser_evals = r.n_plans + 1, r.denoiser_evals + evals
+                        r.guidance_gradients += gradients if g is not None else 0
                         if record:
                             logs[i].plan(step, np.concatenate([plan.actions[j], plan.observations[j]], 1))
                 still = []

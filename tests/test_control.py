@@ -74,3 +74,50 @@ def test_state_error_measures_in_data_standard_deviations():
     c.advance()
     assert math.isclose(c.error(np.array([1.0, 2.0])), 1.0)
     assert not c.wants_plan(np.array([1.0, 2.0])) and c.wants_plan(np.array([1.5, 2.0]))
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def test_shift_plan_drops_the_executed_rows_and_repeats_the_last():
+    import torch
+
+    from diffusion_rl.planner import shift_plan
+
+    plan = torch.arange(8.0)[:, None].repeat(1, 3)
+    assert shift_plan(plan, 3)[:, 0].tolist() == [3, 4, 5, 6, 7, 7, 7, 7]
+    assert shift_plan(plan, 0)[:, 0].tolist() == list(range(8))
+    assert shift_plan(plan, 8)[:, 0].tolist() == [7] * 8
+
+
+def test_a_warm_start_of_all_levels_is_a_fresh_plan_in_distribution():
+    import torch
+
+    from diffusion_rl.diffusion import GaussianDiffusion
+    from diffusion_rl.models import TemporalUnet, UNetConfig
+
+    torch.manual_seed(0)
+    diff = GaussianDiffusion(TemporalUnet(UNetConfig(23, 8, dim=8, dim_mults=(1, 2))), 6, 20)
+    state = torch.zeros(4000, 17)
+    fresh = diff.sample(state, generator=torch.Generator().manual_seed(1)).trajectories
+    guess = torch.full((4000, 8, 23), 2.0)  # a confident guess: n = N must forget it
+    warm = diff.sample(state, generator=torch.Generator().manual_seed(2), warm_start=(guess, 20)).trajectories
+    assert (fresh.mean(0) - warm.mean(0)).abs().max() < 0.05
+    assert (fresh.std(0) - warm.std(0)).abs().max() < 0.05
+    # Few levels keep the guess: the plan stays near it.
+    near = diff.sample(state, generator=torch.Generator().manual_seed(2), warm_start=(guess, 2)).trajectories
+    assert (near[:, 1:] - guess[:, 1:]).abs().mean() < (fresh[:, 1:] - guess[:, 1:]).abs().mean()
+
+
+def test_warm_started_replans_cost_n_levels(planner):
+    (r,) = rollout(planner, [10_006], window=2, warm_start=4, max_steps=20)
+    assert r.n_plans == 10 and r.denoiser_evals == 20 + 9 * 4
+    (d,) = rollout(planner, [10_006], window=2, warm_start=4, ddim_steps=2, max_steps=20)
+    assert d.denoiser_evals == 2 * 10
+
+
+@pytest.mark.parametrize("kw, match", [({"warm_start": 0}, "1..20"), ({"warm_start": 21}, "1..20"),
+                                       ({"warm_start": 3, "ddim_steps": 5}, "1..3")])
+def test_bad_warm_starts_are_refused(planner, kw, match):
+    with pytest.raises(ValueError, match=match):
+        rollout(planner, [0], window=2, max_steps=3, **kw)
