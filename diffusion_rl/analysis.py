@@ -166,15 +166,18 @@ def plan_drift(states: np.ndarray, plans: np.ndarray, plan_steps: np.ndarray, wi
     """Plan-versus-reality error of each plan at each offset r = 1..H-1, shape (P, H-1); NaN where not observed.
 
     Plan j began at step p = plan_steps[j] and its row r predicted the state after r of its actions.
-    Only offsets up to the executed window (r <= window) are compared, since later rows were never
+    Only offsets up to the executed window (r <= window, and no later than the next plan's start,
+    which an adaptive controller may bring forward) are compared, since later rows were never
     acted out; r = window is the state where the next plan starts. ``states`` (T+1, obs) are real,
     ``plans`` (P, H, obs) planned observations, ``scale`` (obs,) the per-dimension unit.
     """
     P, H, _ = plans.shape
     out = np.full((P, H - 1), np.nan)
     last = len(states) - 1
-    for j, p in enumerate(np.asarray(plan_steps, int)):
-        r_max = min(window, H - 1, last - p)
+    starts = np.asarray(plan_steps, int)
+    for j, p in enumerate(starts):
+        ran = starts[j + 1] - p if j + 1 < len(starts) else window
+        r_max = min(window, ran, H - 1, last - p)
         if r_max < 1:
             continue
         diff = (states[p + 1 : p + r_max + 1] - plans[j, 1 : r_max + 1]) / scale

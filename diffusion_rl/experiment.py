@@ -30,6 +30,7 @@ import numpy as np
 
 from diffusion_rl.analysis import bootstrap_ci, paired_difference, plan_drift, wilson_ci
 from diffusion_rl.checkpoint import atomic_write_json, atomic_write_text, sha256_file
+from diffusion_rl.control import Controller, controller_from_name
 from diffusion_rl.planner import EpisodeResult, Planner, rollout
 
 __all__ = ["Arm", "Comparison", "load_rows", "mean_ci", "references", "run_experiment", "scores", "shipped_planner"]
@@ -37,7 +38,7 @@ __all__ = ["Arm", "Comparison", "load_rows", "mean_ci", "references", "run_exper
 D4RL_WALKER2D = {"random": 1.629008, "expert": 4592.3}
 """D4RL's walker2d reference returns (d4rl/infos.py), for scores comparable with published tables."""
 
-COLUMNS = ("setting", "window", "guidance_scale", "seed", "return", "normalized", "fell", "diverged", "env_steps",
+COLUMNS = ("setting", "controller", "window", "guidance_scale", "seed", "return", "normalized", "fell", "diverged", "env_steps",
            "plans", "denoiser_evals", "window_end_drift", "clipped_action_share")
 
 
@@ -47,18 +48,30 @@ class Arm:
 
     name: str
     """Unique label, the ``setting`` column."""
-    window: int = 1
-    """Executed window k: actions run per plan."""
+    window: int | None = 1
+    """Executed window k of the fixed controller: actions run per plan."""
     guidance_scale: float | None = None
     """Classifier-guidance scale kappa; None is unguided."""
     ddim_steps: int | None = None
     """DDIM steps per plan; None is the 20-step DDPM sampler."""
     planner_options: tuple[tuple[str, object], ...] = ()
     """(name, value) pairs for :meth:`Planner.with_options`, e.g. (("guide_placement", "before"),)."""
+    controller: str = "fixed"
+    """When to replan (:mod:`diffusion_rl.control`): ``fixed`` (every ``window`` steps) or ``state-error``."""
+    threshold: float | None = None
+    """The state-error controller's threshold tau."""
+    warm_start: int | None = None
+    """Re-noise the previous plan to this many levels instead of sampling from pure noise."""
+
+    def make_controller(self) -> Controller:
+        """A fresh controller for one episode."""
+        if self.controller == "fixed":
+            return controller_from_name("fixed", window=self.window, threshold=self.threshold)
+        return controller_from_name(self.controller, threshold=self.threshold)
 
     def batch_key(self) -> tuple:
         """Arms with equal keys share one batched rollout."""
-        return (self.ddim_steps, self.planner_options)
+        return (self.ddim_steps, self.warm_start, self.planner_options)
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,8 @@ def run_experiment(
         if c.baseline not in names or c.treatment not in names:
             raise ValueError(f"Comparison {c} names an arm that the study does not have ({names}).")
     variants = {a.batch_key(): planner.with_options(**dict(a.planner_options)) for a in arms}  # validates options first
+    for a in arms:
+        a.make_controller().bind(planner.horizon, planner.obs_normalizer.scale)  # and the controllers
     spec = asdict(_Spec([_arm_dict(a) for a in arms], seeds, planner_identity, max_steps, [asdict(c) for c in comparisons]))
     out = Path(out_dir)
     record_path = out / "record.json"
@@ -165,8 +180,9 @@ def run_experiment(
         if not todo:
             continue
         pairs = [(a, s) for a in todo for s in seeds]
-        results = rollout(variant, [s for _, s in pairs], [a.window for a, _ in pairs], [a.guidance_scale for a, _ in pairs],
-                          ddim_steps=key[0], max_steps=max_steps, record=True, progress=progress)
+        results = rollout(variant, [s for _, s in pairs], guidance_scale=[a.guidance_scale for a, _ in pairs],
+                          controller=[a.make_controller() for a, _ in pairs], ddim_steps=key[0], warm_start=key[1],
+                          max_steps=max_steps, record=True, progress=progress)
         for a in todo:
             rows = [_row(a, r, ref, variant) for (arm, _), r in zip(pairs, results) if arm is a]
             atomic_write_json(rows_dir / f"{a.name}.json", rows)
@@ -203,15 +219,23 @@ def _row(a: Arm, r: EpisodeResult, ref: dict, planner: Planner) -> dict:
     """One episode as a CSV row (rounded so the file does not depend on float printing)."""
     plans = r.n_plans
     A = planner.action_dim
+    H = planner.horizon
     drift = plan_drift(r.states, r.plans[..., A:], r.plan_steps, r.window, planner.obs_normalizer.scale)
-    end = min(r.window, planner.horizon - 1) - 1  # for k = H the last state a plan predicts is at offset H - 1
-    executed = np.concatenate([p[: r.window, :A] for p in r.plans]) if plans else np.zeros((0, A))
+    ran = np.diff(np.r_[r.plan_steps, r.length]).astype(int)  # actions each plan had executed
+    if a.controller == "fixed":
+        end_drift = drift[:, min(r.window, H - 1) - 1] if drift.size else drift  # for k = H: offset H - 1, the last a plan predicts
+    else:  # each plan where its own run ended
+        end_drift = np.array([drift[j, min(n, H - 1) - 1] for j, n in enumerate(ran) if n >= 1])
+    # Planned actions within each plan's run (a fixed window counts its whole window, the last plan's too).
+    limits = [r.window] * len(ran) if a.controller == "fixed" else ran
+    executed = np.concatenate([p[:n, :A] for p, n in zip(r.plans, limits)]) if plans else np.zeros((0, A))
     return {
-        "setting": a.name, "window": a.window, "guidance_scale": "" if a.guidance_scale is None else a.guidance_scale,
+        "setting": a.name, "controller": r.controller, "window": r.window,
+        "guidance_scale": "" if a.guidance_scale is None else a.guidance_scale,
         "seed": r.seed, "return": round(r.total_return, 3), "normalized": round(scores(r.total_return, r.length, ref)["normalized"], 5),
         "fell": int(r.fell), "diverged": int(r.diverged), "env_steps": r.length, "plans": plans,
         "denoiser_evals": r.denoiser_evals,
-        "window_end_drift": _round(_finite_mean(drift[:, end])) if drift.size else "",
+        "window_end_drift": _round(_finite_mean(end_drift)) if end_drift.size else "",
         "clipped_action_share": _round(float((np.abs(executed) > 1).mean())) if executed.size else "",
     }
 

@@ -17,7 +17,8 @@ COMMON = tiny_common(DATA)
 shared_root, minari_root = module_dataset(DATA)
 
 ARMS = [Arm("k1", 1), Arm("k4", 4), Arm("k4-guided", 4, 0.3), Arm("k4-before", 4, 0.3, planner_options=(("guide_placement", "before"),)),
-        Arm("k2-ddim1", 2, ddim_steps=1), Arm("k4-clip", 4, planner_options=(("clip_actions", True),))]
+        Arm("k2-ddim1", 2, ddim_steps=1), Arm("k4-clip", 4, planner_options=(("clip_actions", True),)),
+        Arm("adaptive", None, controller="state-error", threshold=0.5), Arm("k2-warm", 2, warm_start=2)]
 COMPARE = [Comparison("k4", "k4-guided"), Comparison("k4-guided", "k4-before")]
 SEEDS = [10000, 10001, 10002]
 IDENT = {"source": "test"}
@@ -40,11 +41,16 @@ def test_rows_summary_and_record(planner, tmp_path):
     with open(tmp_path / "episodes.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["setting"], int(r["seed"])) for r in rows] == [(a.name, s) for a in ARMS for s in SEEDS]
+    T = planner.diffusion.n_timesteps
     for r in rows:
-        window, steps, plans = int(r["window"]), int(r["env_steps"]), int(r["plans"])
-        assert plans == -(-steps // window)  # a fixed window replans every k steps
-        assert int(r["denoiser_evals"]) == plans * (1 if r["setting"] == "k2-ddim1" else planner.diffusion.n_timesteps)
+        window, steps, plans, evals = int(r["window"]), int(r["env_steps"]), int(r["plans"]), int(r["denoiser_evals"])
         assert 0 <= float(r["clipped_action_share"]) <= 1
+        if r["setting"] == "adaptive":
+            assert r["controller"] == "state-error-0.5" and steps / 8 <= plans <= steps and evals == plans * T
+            continue
+        assert r["controller"] == f"fixed-k{window}" and plans == -(-steps // window)  # a fixed window replans every k steps
+        expected = {"k2-ddim1": plans, "k2-warm": T + 2 * (plans - 1)}.get(r["setting"], plans * T)
+        assert evals == expected, r
     clip = [float(r["clipped_action_share"]) for r in rows if r["setting"] == "k4-clip"]
     assert max(clip) == 0.0, "clipped inside the sampler: nothing left for the environment to clip"
     assert [s["name"] for s in summary["settings"]] == [a.name for a in ARMS]
@@ -61,7 +67,7 @@ def test_a_rerun_resumes_and_rebuilds_byte_for_byte(planner, tmp_path):
     run(planner, tmp_path / "a")
     first = {n: (tmp_path / "a" / n).read_bytes() for n in ("episodes.csv", "summary.json", "record.json")}
     # Lose two arms' kept rows (as a kill before they finished would), rerun: the same files come back.
-    for name in ("k4-before", "k4-clip"):
+    for name in ("k4-before", "k4-clip", "adaptive"):
         (tmp_path / "a" / ".rows" / f"{name}.json").unlink()
     run(planner, tmp_path / "a")
     assert {n: (tmp_path / "a" / n).read_bytes() for n in first} == first
@@ -81,6 +87,8 @@ def test_another_study_in_the_folder_is_refused(planner, tmp_path):
     ([Arm("a", 1), Arm("a", 2)], "unique"),
     ([Arm("a", 1, planner_options=(("temperature", 2.0),))], "Unknown planner option"),
     ([Arm("a", 1, 0.3, planner_options=(("guide_placement", "during"),))], "placement"),
+    ([Arm("a", None, controller="state-error", threshold=-1.0)], "threshold"),
+    ([Arm("a", 9)], "integer in 1"),
 ])
 def test_bad_arms_are_refused_before_anything_is_written(planner, tmp_path, arms, match):
     with pytest.raises(ValueError, match=match):
