@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="closed-loop episodes of a planner: mean return, falls, percent of the data")
     _add_planner_args(p)
-    p.add_argument("--controller", default="fixed", help="when to replan: fixed (every --window steps) or state-error "
-                   "(when the real state leaves the plan's prediction by more than --threshold) (default: fixed)")
+    p.add_argument("--controller", default="fixed", help="when to replan: fixed (every --window steps), state-error "
+                   "(when the real state leaves the plan's prediction by more than --threshold) or likelihood (when the "
+                   "denoiser's reconstruction of the rest of the plan from the real state errs by more than --threshold) (default: fixed)")
     p.add_argument("--window", type=int, default=None, help="fixed controller: executed window k, actions run per plan, 1..H (default: 1)")
     p.add_argument("--threshold", type=float, default=None,
                    help="state-error controller: replan when the RMS distance to the planned state, in data standard deviations, exceeds this")

@@ -11,6 +11,8 @@ at different moments still plan together.
 * :class:`StateError` (tau): keep executing while the real state stays near the state the plan
   predicted for this step, and replan once the normalized distance exceeds tau, or the plan runs
   out. tau = 0 is k = 1 and tau = infinity is k = H; in between, the plan lasts as long as reality follows it.
+* :class:`Likelihood` (tau): replan when the denoiser, asked to reconstruct the rest of the plan from
+  the real state, changes it by more than tau (RDM's idea, Zhou et al. 2023); one denoiser call per step.
 
 ``controller_from_name`` builds one from the names the command line uses.
 """
@@ -21,13 +23,15 @@ import math
 
 import numpy as np
 
-__all__ = ["CONTROLLERS", "Controller", "FixedWindow", "StateError", "controller_from_name"]
+__all__ = ["CONTROLLERS", "Controller", "FixedWindow", "Likelihood", "StateError", "controller_from_name"]
 
 
 class Controller:
     """One episode's replanning rule. Subclasses set ``name`` and implement :meth:`wants_plan`."""
 
     name = "controller"
+    probe_level: int | None = None
+    """Set by controllers that judge their plan with the denoiser: the noise level of the probe."""
 
     def __init__(self):
         self.actions: np.ndarray | None = None  # (H, act_dim): the plan in force
@@ -63,6 +67,13 @@ class Controller:
     def label(self) -> str:
         """A short name with the options, for tables and file names."""
         return self.name
+
+    def can_probe(self) -> bool:
+        """Whether the plan in force can be probed now (it has run at least one step and has steps left)."""
+        return self.actions is not None and 1 <= self.offset < self.horizon
+
+    def observe(self, error: float) -> None:
+        """Receive the probe's verdict on the plan in force (controllers with a ``probe_level``)."""
 
 
 class FixedWindow(Controller):
@@ -116,7 +127,39 @@ class StateError(Controller):
         return f"state-error-{self.threshold:g}"
 
 
-CONTROLLERS = {"fixed": FixedWindow, "state-error": StateError}
+class Likelihood(Controller):
+    """Replan when the denoiser finds the rest of the plan implausible from the real state (RDM-style), or the plan ends.
+
+    At every step the remaining plan, with the real state written in, is noised to ``level`` and
+    denoised once (:meth:`Planner.plan_error`); an RMS reconstruction error above ``threshold``
+    (normalized units) triggers a new plan. The probe costs one denoiser evaluation per step.
+    """
+
+    name = "likelihood"
+
+    def __init__(self, threshold: float, level: int = 5):
+        super().__init__()
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) or math.isnan(threshold) or threshold < 0:
+            raise ValueError(f"The replanning threshold must be a number >= 0 (inf: never before the plan ends), got {threshold!r}.")
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
+            raise ValueError(f"The probe level must be an integer >= 0, got {level!r}.")
+        self.threshold, self.probe_level, self.error = float(threshold), int(level), 0.0
+
+    def observe(self, error: float) -> None:
+        self.error = error
+
+    def new_plan(self, actions: np.ndarray, states: np.ndarray) -> None:
+        super().new_plan(actions, states)
+        self.error = 0.0
+
+    def wants_plan(self, obs: np.ndarray) -> bool:
+        return self.actions is None or self.offset >= self.horizon or self.error > self.threshold
+
+    def label(self) -> str:
+        return f"likelihood-{self.threshold:g}"
+
+
+CONTROLLERS = {"fixed": FixedWindow, "state-error": StateError, "likelihood": Likelihood}
 """Controllers by the name the command line uses."""
 
 
@@ -132,4 +175,4 @@ def controller_from_name(name: str, window: int | None = None, threshold: float 
         raise ValueError(f"The {name} controller decides its own window; it takes --threshold, not --window.")
     if threshold is None:
         raise ValueError(f"The {name} controller needs --threshold.")
-    return StateError(threshold)
+    return CONTROLLERS[name](threshold)

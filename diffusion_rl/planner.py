@@ -20,7 +20,7 @@ import torch
 
 from diffusion_rl.control import Controller, FixedWindow
 from diffusion_rl.data import Normalizer
-from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement, check_warm_start
+from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement, check_warm_start, condition
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import ValueNet
 from diffusion_rl.runtime import torch_threads
@@ -237,6 +237,31 @@ class Planner:
         return Plan(actions, observations_, vals, x, chain)
 
 
+    @torch.inference_mode()
+    def plan_error(self, observations: np.ndarray, trajectories: torch.Tensor, level: int,
+                   generators: Sequence[torch.Generator]) -> np.ndarray:
+        """How implausible each remaining plan is from the real state: the denoiser's reconstruction error. Shape (B,).
+
+        Each plan (normalized, (B, H, D), already shifted to the current step) gets the real state
+        written into row 0, is noised to ``level`` with its episode's own noise, and is denoised in one
+        call; the RMS error of the reconstruction over rows 1..H-1, in normalized units, is the score.
+        A plan the model finds likely from this state comes back nearly unchanged (the idea behind
+        RDM's replanning test, Zhou et al. 2023, with the reconstruction error standing in for the likelihood).
+        """
+        if not isinstance(level, int) or not 0 <= level < self.diffusion.n_timesteps:
+            raise ValueError(f"The probe level must be an integer in 0..{self.diffusion.n_timesteps - 1}, got {level!r}.")
+        cond = self.obs_normalizer.normalize(torch.from_numpy(np.asarray(observations, np.float32)).to(self.device))
+        x0 = condition(torch.as_tensor(trajectories, dtype=torch.float32, device=self.device).clone(), cond, self.action_dim)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(self.device)
+        rows, pad = len(x0), max(0, self.min_batch - len(x0))
+        if pad:  # see min_batch
+            x0, noise, cond = (torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for v in (x0, noise, cond))
+        t = torch.full((len(x0),), level, dtype=torch.long, device=self.device)
+        x_t = condition(self.diffusion.schedule.q_sample(x0, t, noise), cond, self.action_dim)
+        error = (self.diffusion.predict_x0(x_t, t) - x0)[:rows, 1:].pow(2).mean((1, 2)).sqrt()
+        return error.cpu().numpy()
+
+
 def shift_plan(trajectory: torch.Tensor, steps: int) -> torch.Tensor:
     """A plan (H, D) as seen ``steps`` steps later: its remaining rows first, the last row repeated to fill H."""
     if steps <= 0:
@@ -337,7 +362,7 @@ def rollout(
         steps = len(planner.diffusion.levels(ddim_steps, warm_start - 1 if warm else None))
         return n_samples * steps, n_samples * planner.n_guide_steps * max(0, steps - planner.t_stopgrad)
 
-    previous: list[torch.Tensor | None] = [None] * len(seeds)  # each episode's last plan, normalized
+    previous: list[torch.Tensor | None] = [None] * len(seeds)  # each episode's plan in force, normalized
     gens = [episode_generator(s) for s in seeds]
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
     logs = [_Log(o, env) for o, env in zip(obs, envs)] if record else None
@@ -348,6 +373,16 @@ def rollout(
             for step in range(max_steps):
                 if not live:
                     break
+                # Controllers that judge their plan with the denoiser (Likelihood) share one probe call.
+                probe = [i for i in live if controllers[i].probe_level is not None and controllers[i].can_probe()]
+                if probe:
+                    level = controllers[probe[0]].probe_level
+                    if any(controllers[i].probe_level != level for i in probe):
+                        raise ValueError("Every likelihood controller of one rollout must probe at the same level.")
+                    shifted = torch.stack([shift_plan(previous[i], controllers[i].offset) for i in probe])
+                    for i, e in zip(probe, planner.plan_error(obs[probe], shifted, level, [gens[i] for i in probe])):
+                        controllers[i].observe(float(e))
+                        results[i].denoiser_evals += 1
                 replan = [i for i in live if controllers[i].wants_plan(obs[i])]
                 # One denoiser call per guidance scale (and fresh or warm start): every episode that replans now shares it.
                 for g, warm in dict.fromkeys((scales[i], warm_start is not None and previous[i] is not None) for i in replan):
@@ -359,7 +394,7 @@ def rollout(
                     evals, gradients = work(warm)
                     for j, i in enumerate(rows):
                         controllers[i].new_plan(plan.actions[j], plan.observations[j])
-                        previous[i] = plan.trajectories[j] if warm_start is not None else None
+                        previous[i] = plan.trajectories[j]
                         r = results[i]
                         r.n_plans, r.denoiser_evals = r.n_plans + 1, r.denoiser_evals + evals
                         r.guidance_gradients += gradients if g is not None else 0

@@ -121,3 +121,30 @@ def test_warm_started_replans_cost_n_levels(planner):
 def test_bad_warm_starts_are_refused(planner, kw, match):
     with pytest.raises(ValueError, match=match):
         rollout(planner, [0], window=2, max_steps=3, **kw)
+
+
+# ----------------------------------------------------------------------------- the likelihood (RDM-style) trigger
+
+
+def test_the_denoiser_finds_a_plan_from_elsewhere_implausible(planner):
+    import torch
+
+    obs = planner.plan(np.zeros(17), seed=0).observations[0]  # any reachable state
+    states = np.stack([obs, obs])
+    plan = planner.plan(states, seed=1)
+    other = planner.plan(states + np.r_[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, np.zeros(8)], seed=1)  # 3 m/s faster
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    own = planner.plan_error(states, plan.trajectories, 5, gens)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    foreign = planner.plan_error(states, other.trajectories, 5, gens)
+    assert (own < foreign).all(), (own, foreign)
+
+
+def test_likelihood_thresholds_span_k1_to_kH_and_count_the_probes(planner):
+    from diffusion_rl.control import Likelihood
+
+    every, never = rollout(planner, [10_007, 10_007], controller=[Likelihood(0.0), Likelihood(math.inf)], max_steps=40)
+    assert every.n_plans == 40 and every.denoiser_evals == 40 * 20 + 39  # each step after the first: a probe, then a plan
+    assert never.n_plans == 5 and never.denoiser_evals == 5 * 20 + 5 * 7  # whole plans, probed at offsets 1..7
+    with pytest.raises(ValueError, match=">= 0"):
+        Likelihood(-1.0)
