@@ -254,8 +254,11 @@ def test_landing_figure_grows_with_the_curves_it_is_given():
     ours = figures.sweep_curves(sweep.load_results().summary)
     assert [len(c.windows) for c in ours] == [8, 8] and all(lo <= m <= hi for c in ours for m, (lo, hi) in zip(c.scores, c.ci95))
     extra = figures.WindowCurve("a later method", (1, 4, 8), (100.0, 95.0, 90.0), ((99, 101), (93, 97), (85, 95)), color="green")
+    import matplotlib.pyplot as plt
+
     fig = figures.plot_window_curves(study + ours + [extra])
     labels = fig.axes[0].get_legend_handles_labels()[1]
+    plt.close(fig)  # later tests count the open figures
     assert labels == [c.label for c in study + ours + [extra]]
 
 
