@@ -92,3 +92,6 @@ def test_plot_toy_step_draws_both_chains(trained):
     fig = toy.plot_toy_step(trained, fwd, rev, 7)
     assert len(fig.axes) == 2 and fig.get_figwidth() <= 7.5
     assert all(len(ax.collections) >= 2 for ax in fig.axes)  # contours and points
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # later tests count the open figures
