@@ -21,6 +21,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     for klass in reversed(cls.__mro__[:-1]):
         docs.update(_field_docs(klass))
     for f in fields(cls):
+        if f.name in getattr(cls, "UNUSED", ()):
+            continue
         default = f.default if f.default is not MISSING else None
         kind = type(default) if default is not None else str
         kind = _parse_bool if kind is bool else kind
@@ -121,17 +123,26 @@ def _load_planner(args: argparse.Namespace):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
-
-    from diffusion_rl.evaluation import evaluate
+    import math
 
     from diffusion_rl.control import controller_from_name
+    from diffusion_rl.evaluation import evaluate
+    from diffusion_rl.pretrained import DEFAULT_CONTROL, load_inverse_dynamics
 
-    controller = controller_from_name(args.controller, window=args.window, threshold=args.threshold)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ValueError(f"--threshold must be a finite number >= 0, got {args.threshold}.")
+    control = {"controller": args.controller, "window": args.window, "threshold": args.threshold, "ddim_steps": args.ddim_steps,
+               "warm_start": args.warm_start}
+    if all(v is None for v in control.values()) and not args.diffuser:
+        control = dict(DEFAULT_CONTROL[args.planner])  # the shipped planner's default: the best point of the control study
+    controller = controller_from_name(control["controller"] or "fixed", window=control["window"], threshold=control["threshold"])
     planner = _load_planner(args).with_options(guide_placement=args.guide_placement, clip_actions=args.clip_actions)
+    inverse = load_inverse_dynamics(args.inverse_dynamics) if args.inverse_dynamics else None
     summary = evaluate(
         planner, guidance_scale=args.guidance_scale, n_samples=args.samples,
-        seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=args.ddim_steps,
-        max_steps=args.max_steps, progress=not args.no_progress, controller=controller, warm_start=args.warm_start,
+        seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=control["ddim_steps"],
+        max_steps=args.max_steps, progress=not args.no_progress, controller=controller, warm_start=control["warm_start"],
+        inverse_dynamics=inverse,
     )
     print(json.dumps({k: v for k, v in summary.items() if k not in ("returns", "seeds")}, indent=2))
     return 0
@@ -146,6 +157,19 @@ def cmd_export_planner(args: argparse.Namespace) -> int:
     )
     for key, row in meta["score"].items():
         print(f"{key}: {row['mean_return']:.1f} +- {row['std_return']:.1f}, {row['percent_of_data']:.1f}% of data, {row['falls']} falls, {row['wall_time_s']:.0f} s")
+    return 0
+
+
+def cmd_export_inverse_dynamics(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from diffusion_rl import pretrained
+
+    out_dir = Path(args.out_dir) if args.out_dir else pretrained.ASSETS
+    meta = pretrained.export_network(args.run, out_dir / f"{args.name}-inverse-dynamics.safetensors", {"export_command": _command_line()},
+                                     kind="inverse-dynamics")
+    print(json.dumps({k: meta[k] for k in ("file", "steps", "wall_time_s", "validation", "sha256") if k in meta}, indent=2))
     return 0
 
 
@@ -231,23 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_make_dataset)
 
-    from diffusion_rl.training import DiffuserConfig, ValueConfig
+    from diffusion_rl.training import DiffuserConfig, InverseDynamicsConfig, ValueConfig
 
-    for name, cls, what in [("train-diffuser", DiffuserConfig, "the temporal U-Net denoiser"), ("train-value", ValueConfig, "the value network for guidance")]:
+    for name, cls, what in [("train-diffuser", DiffuserConfig, "the temporal U-Net denoiser"), ("train-value", ValueConfig, "the value network for guidance"),
+                            ("train-inverse-dynamics", InverseDynamicsConfig, "the inverse-dynamics model a = f(s, s') (an actor for plans)")]:
         p = sub.add_parser(name, help=f"train (or resume) {what}")
         p.add_argument("--run-dir", default=f"runs/{name[6:]}-h8", help="checkpoint and loss-log folder; rerun to resume")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         _add_dataclass_args(p, cls)
         p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export-inverse-dynamics", help="export a train-inverse-dynamics run as safetensors + sidecar (with its validation error)")
+    p.add_argument("--run", default="runs/inverse-dynamics-h8", help="train-inverse-dynamics run folder or checkpoint.pt (default: runs/inverse-dynamics-h8)")
+    p.add_argument("--name", default="walker2d", help="model name: writes <name>-inverse-dynamics.safetensors (default: walker2d)")
+    p.add_argument("--out-dir", default=None, help="output folder (default: the package's assets)")
+    p.set_defaults(func=cmd_export_inverse_dynamics)
+
     p = sub.add_parser("evaluate", help="closed-loop episodes of a planner: mean return, falls, percent of the data")
     _add_planner_args(p)
-    p.add_argument("--controller", default="fixed", help="when to replan: fixed (every --window steps), state-error "
+    p.add_argument("--controller", default=None, help="when to replan: fixed (every --window steps), state-error "
                    "(when the real state leaves the plan's prediction by more than --threshold) or likelihood (when the "
-                   "denoiser's reconstruction of the rest of the plan from the real state errs by more than --threshold) (default: fixed)")
+                   "denoiser's reconstruction of the rest of the plan from the real state errs by more than --threshold). "
+                   "With none of --controller, --window, --threshold, --ddim-steps, --warm-start: the shipped planner's default "
+                   "controller, the best point of the control study (see pretrained.DEFAULT_CONTROL)")
     p.add_argument("--window", type=int, default=None, help="fixed controller: executed window k, actions run per plan, 1..H (default: 1)")
     p.add_argument("--threshold", type=float, default=None,
                    help="state-error controller: replan when the RMS distance to the planned state, in data standard deviations, exceeds this")
+    p.add_argument("--inverse-dynamics", default=None, metavar="NAME",
+                   help="act with this inverse-dynamics model (a shipped name such as walker2d, or a .safetensors path) "
+                   "toward the plan's next state, instead of the plan's own action")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-guidance scale kappa (default: unguided)")
     p.add_argument("--samples", type=int, default=1, help="plans per replanning; >1 keeps the best by value (default: 1)")
     p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")

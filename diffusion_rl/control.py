@@ -15,6 +15,11 @@ at different moments still plan together.
   the real state, changes it by more than tau (RDM's idea, Zhou et al. 2023); one denoiser call per step.
 
 ``controller_from_name`` builds one from the names the command line uses.
+
+Which action is taken is a separate choice that works with every controller: the plan's own action
+for this step (the default, as Diffuser), or :class:`InverseDynamicsActions`, which asks a trained
+model a = f(s, s') for the action that takes the *real* state to the state the plan predicts next
+(Decision Diffuser's actor), so a plan's states are tracked rather than its actions replayed.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
-__all__ = ["CONTROLLERS", "Controller", "FixedWindow", "Likelihood", "StateError", "controller_from_name"]
+__all__ = ["CONTROLLERS", "Controller", "FixedWindow", "InverseDynamicsActions", "Likelihood", "StateError", "controller_from_name"]
 
 
 class Controller:
@@ -54,6 +60,10 @@ class Controller:
     def action(self) -> np.ndarray:
         """The plan's action for this step."""
         return self.actions[self.offset]
+
+    def next_state(self) -> np.ndarray | None:
+        """The state the plan predicts after this step's action (None at the plan's last row)."""
+        return self.states[self.offset + 1] if self.offset + 1 < len(self.states) else None
 
     def advance(self) -> None:
         """The action was executed: the plan is one step older."""
@@ -176,3 +186,35 @@ def controller_from_name(name: str, window: int | None = None, threshold: float 
     if threshold is None:
         raise ValueError(f"The {name} controller needs --threshold.")
     return CONTROLLERS[name](threshold)
+
+
+class InverseDynamicsActions:
+    """Actions from an inverse-dynamics model: the action taking the real state to the plan's next state.
+
+    Where the plan has no next state (its last row), the plan's own action is kept.
+    """
+
+    def __init__(self, net: torch.nn.Module, normalizer, meta: dict | None = None):
+        self.net, self.normalizer, self.meta = net.eval(), normalizer, dict(meta or {})
+        self.act_dim, self.obs_dim = net.act_dim, net.obs_dim
+
+    def check_planner(self, planner) -> InverseDynamicsActions:
+        """Refuse a model trained for other states or actions than the planner's (shapes named); returns self."""
+        if (self.obs_dim, self.act_dim) != (planner.obs_dim, planner.action_dim):
+            raise ValueError(
+                f"The inverse-dynamics model maps {self.obs_dim}-dim states to {self.act_dim}-dim actions, but the planner "
+                f"plans {planner.obs_dim}-dim states and {planner.action_dim}-dim actions: it was trained on another dataset."
+            )
+        data, own = planner.meta.get("config", {}).get("dataset_id"), self.meta.get("dataset_id")
+        if data and own and data != own:
+            raise ValueError(f"The inverse-dynamics model was trained on {own!r}, the planner on {data!r}.")
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, obs: np.ndarray, next_obs: np.ndarray) -> np.ndarray:
+        """Actions (B, act_dim) in env units for states (B, obs_dim) and planned next states (B, obs_dim)."""
+        norm = self.normalizer
+        shift, scale = (torch.as_tensor(v, dtype=torch.float32) for v in (norm.shift, norm.scale))
+        A = self.act_dim
+        s, s_next = ((torch.as_tensor(np.asarray(v, np.float32)) - shift[A:]) / scale[A:] for v in (obs, next_obs))
+        return (self.net(s, s_next) * scale[:A] + shift[:A]).numpy()

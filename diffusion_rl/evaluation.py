@@ -11,9 +11,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-
 from diffusion_rl.checkpoint import atomic_write_json
-from diffusion_rl.control import Controller
+from diffusion_rl.control import Controller, InverseDynamicsActions
 from diffusion_rl.envs import EVAL_SEEDS
 from diffusion_rl.planner import Planner, rollout, summarize
 
@@ -43,15 +42,17 @@ def evaluate(
     progress: bool = False,
     controller: Controller | None = None,
     warm_start: int | None = None,
+    inverse_dynamics: InverseDynamicsActions | None = None,
 ) -> dict:
     """Closed-loop episodes on ``seeds``: mean/std return, falls, percent of the data's mean return, the planning work, wall time.
 
     ``window`` k (default 1) or a ``controller`` decides when to replan; ``warm_start`` n re-noises
-    the previous plan to n levels instead of sampling each plan from pure noise.
+    the previous plan to n levels instead of sampling each plan from pure noise; ``inverse_dynamics``
+    acts toward the plan's next state instead of replaying its actions.
     """
     t0 = time.perf_counter()
     results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress,
-                      controller=controller, warm_start=warm_start)
+                      controller=controller, warm_start=warm_start, inverse_dynamics=inverse_dynamics)
     wall = time.perf_counter() - t0
     if "dataset" not in planner.meta and "config" in planner.meta:
         planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
@@ -66,6 +67,8 @@ def evaluate(
     steps = int(sum(r.length for r in results))
     plans = sum(r.n_plans for r in results)
     out["controller"] = results[0].controller
+    if inverse_dynamics is not None:
+        out["actions"] = f"inverse dynamics ({inverse_dynamics.meta.get('file', 'model')})"
     out["plans"] = plans
     out["steps_per_plan"] = steps / max(plans, 1)
     out["denoiser_evals_per_step"] = sum(r.denoiser_evals for r in results) / max(steps, 1)

@@ -57,11 +57,13 @@ class Arm:
     planner_options: tuple[tuple[str, object], ...] = ()
     """(name, value) pairs for :meth:`Planner.with_options`, e.g. (("guide_placement", "before"),)."""
     controller: str = "fixed"
-    """When to replan (:mod:`diffusion_rl.control`): ``fixed`` (every ``window`` steps) or ``state-error``."""
+    """When to replan (:mod:`diffusion_rl.control`): ``fixed`` (every ``window`` steps), ``state-error`` or ``likelihood``."""
     threshold: float | None = None
-    """The state-error controller's threshold tau."""
+    """The adaptive controllers' threshold tau."""
     warm_start: int | None = None
     """Re-noise the previous plan to this many levels instead of sampling from pure noise."""
+    inverse_dynamics: str | None = None
+    """Take actions from this shipped inverse-dynamics model (toward the plan's next state) instead of the plan's."""
 
     def make_controller(self) -> Controller:
         """A fresh controller for one episode."""
@@ -71,7 +73,7 @@ class Arm:
 
     def batch_key(self) -> tuple:
         """Arms with equal keys share one batched rollout."""
-        return (self.ddim_steps, self.warm_start, self.planner_options)
+        return (self.ddim_steps, self.warm_start, self.planner_options, self.inverse_dynamics)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,13 @@ def mean_ci(values: Sequence[float]) -> dict:
 # ----------------------------------------------------------------------------- running
 
 
+def load_inverse_dynamics(name: str):
+    """A shipped inverse-dynamics model (imported late: the runner sits below the package's loaders)."""
+    from diffusion_rl.pretrained import load_inverse_dynamics as load
+
+    return load(name)
+
+
 def shipped_planner(name: str) -> tuple[Planner, dict]:
     """A shipped planner on the CPU (where results are bit-reproducible) and its identity (its files' SHA-256s)."""
     from diffusion_rl import pretrained
@@ -148,8 +157,12 @@ def run_experiment(
     comparisons: Sequence[Comparison] = (),
     max_steps: int = 1000,
     progress: bool = True,
+    notes: dict | None = None,
 ) -> dict:
-    """Run every arm on every seed into ``out_dir`` (resuming finished arms) and write the result files; returns the summary."""
+    """Run every arm on every seed into ``out_dir`` (resuming finished arms) and write the result files; returns the summary.
+
+    ``notes``: what the study decided before this run (for example a setting chosen on tuning seeds), kept in the summary.
+    """
     arms, seeds = list(arms), [int(s) for s in seeds]
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
@@ -160,6 +173,8 @@ def run_experiment(
     variants = {a.batch_key(): planner.with_options(**dict(a.planner_options)) for a in arms}  # validates options first
     for a in arms:
         a.make_controller().bind(planner.horizon, planner.obs_normalizer.scale)  # and the controllers
+    for name in {a.inverse_dynamics for a in arms} - {None}:
+        load_inverse_dynamics(name).check_planner(planner)
     spec = asdict(_Spec([_arm_dict(a) for a in arms], seeds, planner_identity, max_steps, [asdict(c) for c in comparisons]))
     out = Path(out_dir)
     record_path = out / "record.json"
@@ -180,15 +195,18 @@ def run_experiment(
         if not todo:
             continue
         pairs = [(a, s) for a in todo for s in seeds]
+        inverse = load_inverse_dynamics(key[3]) if key[3] is not None else None
         results = rollout(variant, [s for _, s in pairs], guidance_scale=[a.guidance_scale for a, _ in pairs],
                           controller=[a.make_controller() for a, _ in pairs], ddim_steps=key[0], warm_start=key[1],
-                          max_steps=max_steps, record=True, progress=progress)
+                          max_steps=max_steps, record=True, progress=progress, inverse_dynamics=inverse)
         for a in todo:
             rows = [_row(a, r, ref, variant) for (arm, _), r in zip(pairs, results) if arm is a]
             atomic_write_json(rows_dir / f"{a.name}.json", rows)
 
     rows = [row for a in arms for row in _read_json(rows_dir / f"{a.name}.json")]
     summary = _summarize(arms, seeds, rows, comparisons, ref)
+    if notes:
+        summary["notes"] = notes
     _write_csv(out / "episodes.csv", rows)
     atomic_write_json(out / "summary.json", summary)
     hashes = {name: sha256_file(out / name) for name in ("episodes.csv", "summary.json")}

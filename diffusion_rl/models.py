@@ -5,7 +5,8 @@ A trajectory window is a 2-D array ``[batch x horizon x transition_dim]`` whose 
 transition dimensions as its channels, so the denoiser is a stack of 1-D convolutions over time:
 a U-Net that halves the horizon on the way down and doubles it on the way up. Every residual block
 sees the diffusion time ``t`` through a sinusoidal embedding, so one network denoises at every
-noise level. The value network reuses the U-Net's down path and ends in a small MLP head.
+noise level. The value network reuses the U-Net's down path and ends in a small MLP head. The inverse-dynamics
+model is a plain MLP that names the action taking one state to the next (Decision Diffuser's actor).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["TemporalUnet", "UNetConfig", "ValueNet", "check_horizon"]
+__all__ = ["InverseDynamics", "TemporalUnet", "UNetConfig", "ValueNet", "check_horizon"]
 
 
 @dataclass(frozen=True)
@@ -189,3 +190,18 @@ class ValueNet(nn.Module):
         """x: (B, H, D), t: (B,). Returns (B,)."""
         h, temb, _ = self.down(x.transpose(1, 2), t)
         return self.head(torch.cat([h.flatten(1), temb], dim=1)).squeeze(-1) * self.value_scale + self.value_shift
+
+
+class InverseDynamics(nn.Module):
+    """Inverse dynamics ``a = f(s, s')``: the action that takes state s to state s', all normalized."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        sizes = [2 * obs_dim] + [hidden] * layers
+        blocks = [m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(a, b), nn.Mish())]
+        self.net = nn.Sequential(*blocks, nn.Linear(sizes[-1], act_dim))
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+
+    def forward(self, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        """s, s_next: (..., obs_dim). Returns (..., act_dim)."""
+        return self.net(torch.cat([s, s_next], dim=-1))

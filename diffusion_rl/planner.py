@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffusion_rl.control import Controller, FixedWindow
+from diffusion_rl.control import Controller, FixedWindow, InverseDynamicsActions
 from diffusion_rl.data import Normalizer
 from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement, check_warm_start, condition
 from diffusion_rl.envs import ENV_ID, make_env
@@ -325,6 +325,7 @@ def rollout(
     on_step: Callable[[int], None] | None = None,
     controller: Controller | Sequence[Controller] | None = None,
     warm_start: int | None = None,
+    inverse_dynamics: InverseDynamicsActions | None = None,
 ) -> list[EpisodeResult]:
     """Run one closed-loop episode per reset seed, all at once; returns their results in seed order.
 
@@ -337,6 +338,8 @@ def rollout(
     ``diverged``); ``on_episode_end(index, result)`` is called as each one ends, ``on_step(1)`` after every step.
     ``warm_start`` n: every plan after an episode's first starts from the previous plan, shifted by the
     steps executed since and noised to level n - 1, and denoises n levels instead of all of them.
+    ``inverse_dynamics``: take the action that model names for reaching the plan's next state from the
+    real state, instead of the plan's own action (:class:`~diffusion_rl.control.InverseDynamicsActions`).
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -351,10 +354,13 @@ def rollout(
     scale = planner.obs_normalizer.scale
     controllers = [c.bind(planner.horizon, scale) for c in controllers]
     scales = [check_guidance_scale(g) for g in _per_episode(guidance_scale, len(seeds), "guidance_scale")]
+    planner.diffusion.levels(ddim_steps)  # refuses S outside 1..N before any episode starts
     if warm_start is not None:
         planner.diffusion.levels(ddim_steps, check_warm_start(warm_start, planner.diffusion.n_timesteps) - 1)  # refuses S > n
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+    if inverse_dynamics is not None:
+        inverse_dynamics.check_planner(planner)
     envs = [make_env(env_id, max_episode_steps=max_steps) for _ in seeds]
     results = [EpisodeResult(seed=s, window=c.max_window, guidance_scale=g, controller=c.label()) for s, c, g in zip(seeds, controllers, scales)]
     def work(warm: bool) -> tuple[int, int]:
@@ -400,9 +406,15 @@ def rollout(
                         r.guidance_gradients += gradients if g is not None else 0
                         if record:
                             logs[i].plan(step, np.concatenate([plan.actions[j], plan.observations[j]], 1))
+                actions = np.stack([controllers[i].action() for i in live])
+                if inverse_dynamics is not None:  # one batched call for every episode whose plan has a next state
+                    targets = [controllers[i].next_state() for i in live]
+                    has = [j for j, t in enumerate(targets) if t is not None]
+                    if has:
+                        actions[has] = inverse_dynamics(obs[[live[j] for j in has]], np.stack([targets[j] for j in has]))
                 still = []
-                for i in live:
-                    action = np.clip(controllers[i].action(), -1.0, 1.0)
+                for i, action in zip(live, actions):
+                    action = np.clip(action, -1.0, 1.0)
                     controllers[i].advance()
                     o, reward, terminated, truncated, _ = envs[i].step(action)
                     r = results[i]

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from diffusion_rl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, load_checkpoint, sha256_file
+from diffusion_rl.control import InverseDynamicsActions
 from diffusion_rl.data import Normalizer
 from diffusion_rl.diffusion import GaussianDiffusion
 from diffusion_rl.models import ValueNet
 from diffusion_rl.planner import Planner
 from diffusion_rl.training import CONFIGS, build_network, train_command
 
-__all__ = ["PRETRAINED", "load", "load_run", "export_network", "load_network", "asset_path"]
+__all__ = ["INVERSE_DYNAMICS", "PRETRAINED", "load", "load_inverse_dynamics", "load_run", "export_network", "load_network", "asset_path"]
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -29,6 +30,15 @@ PRETRAINED = {
     "walker2d-h8": {"diffuser": "walker2d-h8-diffuser.safetensors", "value": "walker2d-h8-value.safetensors"},
 }
 """Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``."""
+
+DEFAULT_CONTROL = {
+    "walker2d-h8": {"controller": "fixed", "window": None, "threshold": None, "ddim_steps": None, "warm_start": None},
+}
+"""How ``evaluate`` runs each shipped planner when given no controller options: the setting the control
+study chose on its tuning seeds (``diffusion_rl/assets/control_study/summary.json``, notes.default)."""
+
+INVERSE_DYNAMICS = {"walker2d": "walker2d-inverse-dynamics.safetensors"}
+"""Shipped inverse-dynamics models a = f(s, s') by name (``python -m diffusion_rl train-inverse-dynamics``)."""
 
 
 def asset_path(name: str, part: str = "diffuser") -> Path:
@@ -48,6 +58,20 @@ def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = Tru
     if value_normalizer is not None:
         check_same_data(normalizer, value_normalizer)
     return planner.to(pick_device(device))
+
+
+def load_inverse_dynamics(name_or_path: str | os.PathLike = "walker2d") -> InverseDynamicsActions:
+    """A shipped inverse-dynamics model by name, or one exported to a .safetensors path, SHA-256 verified."""
+    if str(name_or_path) in INVERSE_DYNAMICS:
+        path = ASSETS / INVERSE_DYNAMICS[str(name_or_path)]
+    elif str(name_or_path).endswith(".safetensors"):
+        path = Path(name_or_path)
+    else:
+        raise CheckpointError(f"No inverse-dynamics model named {str(name_or_path)!r}; available: {', '.join(INVERSE_DYNAMICS)}, or a .safetensors path.")
+    net, normalizer, meta = load_network(path)
+    if meta["kind"] != "inverse-dynamics":
+        raise CheckpointError(f"{path} holds a {meta['kind']!r} network, not an inverse-dynamics model.")
+    return InverseDynamicsActions(net, normalizer, meta)
 
 
 def load_run(diffuser_run: str | os.PathLike, value_run: str | os.PathLike | None = None, **planner_options) -> Planner:
@@ -86,18 +110,21 @@ def _load_state(net: torch.nn.Module, tensors: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- export / import
 
 
-def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra: dict | None = None) -> dict:
-    """Write a training checkpoint's EMA weights and normalizer as safetensors + JSON sidecar; returns the sidecar."""
+def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra: dict | None = None, kind: str | None = None) -> dict:
+    """Write a training checkpoint's EMA weights and normalizer as safetensors + JSON sidecar; returns the sidecar.
+
+    ``kind``: refuse (before writing anything) a checkpoint of another kind.
+    """
     from safetensors.torch import save as st_save
 
     from diffusion_rl.training import read_loss_log
 
     checkpoint = Path(checkpoint)
     checkpoint = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint, kind=kind)
     kind = state.get("kind")
     if kind not in CONFIGS:
-        raise CheckpointError(f"{checkpoint} is a {kind!r} checkpoint, not a diffuser or value one.")
+        raise CheckpointError(f"{checkpoint} is a {kind!r} checkpoint, not a {', '.join(CONFIGS)} one.")
     tensors = {f"net.{k}": v.contiguous() for k, v in state["ema"].items()}
     norm = state["normalizer"]
     tensors["normalizer.shift"], tensors["normalizer.scale"] = norm["shift"].contiguous(), norm["scale"].contiguous()
@@ -118,6 +145,7 @@ def export_network(checkpoint: str | os.PathLike, out: str | os.PathLike, extra:
         "final_loss": log[-1]["loss"] if log else None,
         "loss_curve": [[r["step"], r["loss"]] for r in log[:: max(1, len(log) // 100)]],
         "train_command": train_command(CONFIGS[kind](**state["config"]), f"runs/{kind}-h{state['config']['horizon']}"),
+        **({"validation": state["validation"]} if "validation" in state else {}),
         **(extra or {}),
         "sha256": sha256_file(out),
     }
@@ -154,7 +182,7 @@ def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet,
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}).") from None
     kind = meta.get("kind")
     if kind not in CONFIGS:
-        raise CheckpointError(f"{path}'s sidecar names kind {kind!r}; expected 'diffuser' or 'value'.")
+        raise CheckpointError(f"{path}'s sidecar names kind {kind!r}; expected one of {', '.join(CONFIGS)}.")
     net, _ = build_network(kind, meta["config"], meta["transition_dim"], meta["action_dim"])
     _load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path)
     try:

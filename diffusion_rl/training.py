@@ -1,4 +1,5 @@
-"""Training the denoiser (the study's Algorithm 1.1) and the value network used for guidance.
+"""Training the denoiser (the study's Algorithm 1.1), the value network used for guidance, and the
+inverse-dynamics model that can turn a plan's next state into an action.
 
 One loop serves both: draw a batch of windows, a diffusion level and noise per window from one
 seeded generator, take an AdamW step with gradient clipping, and keep an exponential moving average
@@ -13,12 +14,14 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
 import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch.nn import functional as F
@@ -26,13 +29,14 @@ from torch.nn import functional as F
 from diffusion_rl.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
 from diffusion_rl.data import DEFAULT_DATASET_ID, Normalizer, TrajectoryWindows, load_episodes
 from diffusion_rl.diffusion import GaussianDiffusion, NoiseSchedule, condition
-from diffusion_rl.models import TemporalUnet, UNetConfig, ValueNet, check_horizon
+from diffusion_rl.models import InverseDynamics, TemporalUnet, UNetConfig, ValueNet, check_horizon
 from diffusion_rl.runtime import StopOnSignal, display_path, pick_device
 
 __all__ = [
     "TrainConfig",
     "DiffuserConfig",
     "ValueConfig",
+    "InverseDynamicsConfig",
     "TrainingError",
     "train",
     "build_windows",
@@ -43,6 +47,7 @@ __all__ = [
     "read_loss_log",
     "CONFIGS",
     "build_network",
+    "validation_error",
 ]
 
 RESUME_MAY_CHANGE = frozenset({"total_steps", "threads", "checkpoint_every", "device"})
@@ -57,6 +62,9 @@ class TrainingError(RuntimeError):
 @dataclass(frozen=True)
 class TrainConfig:
     """Options shared by the denoiser and the value network."""
+
+    UNUSED: ClassVar[frozenset[str]] = frozenset()
+    """Shared options this kind of network has no use for (kept off its command line)."""
 
     dataset_id: str = DEFAULT_DATASET_ID
     """Minari dataset to train on (build it with `python -m diffusion_rl make-dataset`)."""
@@ -134,6 +142,25 @@ class ValueConfig(TrainConfig):
     """Gradient steps in all; raise it and rerun to train on."""
 
 
+@dataclass(frozen=True)
+class InverseDynamicsConfig(TrainConfig):
+    """Options of the inverse-dynamics model a = f(s, s'), trained on consecutive states of the same windows."""
+
+    UNUSED: ClassVar[frozenset[str]] = frozenset({"n_diffusion_steps", "schedule", "dim", "dim_mults", "blocks_per_level", "kernel_size"})
+    hidden: int = 256
+    """Units of each hidden layer of the MLP."""
+    layers: int = 2
+    """Hidden layers of the MLP."""
+    validation_share: float = 0.1
+    """Share of the dataset's episodes (its last ones) held out to measure the validation error."""
+    batch_size: int = 256
+    """Windows per gradient step (each gives H - 1 transitions)."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    total_steps: int = 10_000
+    """Gradient steps in all; raise it and rerun to train on."""
+
+
 def _mults(text: str) -> tuple[int, ...]:
     try:
         mults = tuple(int(m) for m in str(text).split(","))
@@ -144,22 +171,31 @@ def _mults(text: str) -> tuple[int, ...]:
     return mults
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"diffuser": DiffuserConfig, "value": ValueConfig}
+CONFIGS: dict[str, type[TrainConfig]] = {"diffuser": DiffuserConfig, "value": ValueConfig, "inverse-dynamics": InverseDynamicsConfig}
 """The config class of each checkpoint kind."""
 
 
 def config_kind(cfg: TrainConfig) -> str:
-    """'diffuser' or 'value': the checkpoint kind a config trains."""
-    return "diffuser" if isinstance(cfg, DiffuserConfig) else "value"
+    """'diffuser', 'value' or 'inverse-dynamics': the checkpoint kind a config trains."""
+    return next(kind for kind, cls in CONFIGS.items() if type(cfg) is cls)
 
 
 # ----------------------------------------------------------------------------- building blocks
 
 
-def build_windows(cfg: TrainConfig, normalizer: Normalizer | None = None) -> TrajectoryWindows:
-    """The training windows of a config's dataset (values as the value config asks)."""
-    check_horizon(cfg.horizon, _mults(cfg.dim_mults))
+def build_windows(cfg: TrainConfig, normalizer: Normalizer | None = None, held_out: bool = False) -> TrajectoryWindows:
+    """The training windows of a config's dataset (values as the value config asks; ``held_out``: the inverse-dynamics validation episodes)."""
     episodes = load_episodes(cfg.dataset_id)
+    if isinstance(cfg, InverseDynamicsConfig):
+        if not 0 < cfg.validation_share < 1:
+            raise ValueError(f"validation_share must lie strictly between 0 and 1, got {cfg.validation_share!r}.")
+        n_val = max(1, round(cfg.validation_share * len(episodes)))
+        if n_val >= len(episodes):
+            raise ValueError(f"The dataset has {len(episodes)} episodes: too few to hold out {n_val} for validation.")
+        episodes = episodes[-n_val:] if held_out else episodes[:-n_val]
+        # No absorbing padding after a fall: its (s_T, s_T, a = 0) pairs are no transitions of the walker.
+        return TrajectoryWindows(episodes, cfg.horizon, normalizer or cfg.normalizer, pad_terminal=False)
+    check_horizon(cfg.horizon, _mults(cfg.dim_mults))
     value_opts = {}
     if isinstance(cfg, ValueConfig):
         value_opts = dict(discount=cfg.discount, value_scope=cfg.value_scope, termination_penalty=cfg.termination_penalty)
@@ -179,13 +215,16 @@ def build_value(cfg: ValueConfig, transition_dim: int) -> ValueNet:
     return ValueNet(cfg.unet(transition_dim))
 
 
-def build_network(kind: str, config: dict, transition_dim: int, action_dim: int) -> tuple[GaussianDiffusion | ValueNet, TrainConfig]:
+def build_network(kind: str, config: dict, transition_dim: int, action_dim: int) -> tuple[GaussianDiffusion | ValueNet | InverseDynamics, TrainConfig]:
     """A fresh network of checkpoint kind ``kind`` from its saved config dict; returns it and the config."""
     if kind not in CONFIGS:
         raise CheckpointError(f"Unknown network kind {kind!r}; expected one of {', '.join(CONFIGS)}.")
     cfg = CONFIGS[kind](**config)
-    net = build_diffusion(cfg, transition_dim, action_dim) if kind == "diffuser" else build_value(cfg, transition_dim)
-    return net, cfg
+    if kind == "diffuser":
+        return build_diffusion(cfg, transition_dim, action_dim), cfg
+    if kind == "value":
+        return build_value(cfg, transition_dim), cfg
+    return InverseDynamics(transition_dim - action_dim, action_dim, cfg.hidden, cfg.layers), cfg
 
 
 def diffuser_loss(net: GaussianDiffusion, x0: torch.Tensor, value: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -197,6 +236,31 @@ def value_loss(net: ValueNet, schedule: NoiseSchedule, action_dim: int, x0: torc
     """MSE of the value of noised, state-conditioned windows, in standardized units."""
     x_t = condition(schedule.q_sample(x0, t, noise), x0[:, 0, action_dim:], action_dim)
     return F.mse_loss((net(x_t, t) - value) / net.value_scale, torch.zeros_like(value))
+
+
+def inverse_dynamics_loss(net: InverseDynamics, action_dim: int, x0: torch.Tensor) -> torch.Tensor:
+    """MSE of the action predicted from each pair of consecutive states in the windows (normalized units)."""
+    actions, states = x0[..., :action_dim], x0[..., action_dim:]
+    return F.mse_loss(net(states[:, :-1], states[:, 1:]), actions[:, :-1])
+
+
+@torch.no_grad()
+def validation_error(cfg: InverseDynamicsConfig, net: InverseDynamics, normalizer: Normalizer) -> dict:
+    """The inverse-dynamics model's error over every consecutive pair of states in the held-out episodes' windows.
+
+    MSE in normalized units, RMS in action units, and the RMS spread of the true actions for scale.
+    """
+    windows = build_windows(cfg, normalizer, held_out=True)
+    x = windows.batch(torch.arange(len(windows))).trajectory
+    A = windows.act_dim
+    pred, target = net(x[:, :-1, A:], x[:, 1:, A:]), x[:, :-1, :A]
+    scale = torch.as_tensor(normalizer.scale[:A], dtype=torch.float32)
+    return {
+        "windows": len(windows),
+        "mse_normalized": round(float(F.mse_loss(pred, target)), 6),
+        "rms_action": round(float(((pred - target) * scale).pow(2).mean().sqrt()), 6),
+        "action_std": round(float((target * scale).std()), 6),
+    }
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -223,6 +287,9 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
     net, _ = build_network(kind, asdict(cfg), D, A)
     if kind == "diffuser":
         loss_fn = diffuser_loss
+    elif kind == "inverse-dynamics":
+        def loss_fn(net, x0, value, t, noise):
+            return inverse_dynamics_loss(net, A, x0)
     else:
         net.value_shift.fill_(windows.values.mean())
         net.value_scale.fill_(windows.values.std().clamp_min(1e-6))
@@ -253,6 +320,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
         step, wall, log = int(state["step"]), float(state["wall_time"]), [list(r) for r in state["log"].tolist()]
 
     def checkpoint() -> None:
+        extra = {}
+        if kind == "inverse-dynamics":  # the held-out error of the weights that get exported (the EMA's)
+            extra["validation"] = validation_error(cfg, copy.deepcopy(ema).cpu(), windows.normalizer)
+            atomic_write_text(run_dir / "validation.json", json.dumps({"step": step, **extra["validation"]}, indent=2) + "\n")
         save_checkpoint(
             ckpt_path,
             {
@@ -268,6 +339,7 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike, progress: bool = True) -
                 "step": step,
                 "wall_time": wall,
                 "log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
+                **extra,
             },
         )
         _write_log(run_dir / "loss.csv", log)
