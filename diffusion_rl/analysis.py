@@ -22,7 +22,9 @@ __all__ = [
     "bootstrap_ci",
     "nearest_data_distance",
     "paired_difference",
+    "pareto_front",
     "plan_drift",
+    "replanning_trace",
     "spearman_rho",
     "trend_test",
     "within_seed_trend_test",
@@ -183,6 +185,35 @@ def plan_drift(states: np.ndarray, plans: np.ndarray, plan_steps: np.ndarray, wi
         diff = (states[p + 1 : p + r_max + 1] - plans[j, 1 : r_max + 1]) / scale
         out[j, :r_max] = np.sqrt((diff**2).mean(-1))
     return out
+
+
+def replanning_trace(states: np.ndarray, plans: np.ndarray, plan_steps: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """What a state-error controller saw at each step t = 0..T-1: the real state's RMS distance (in ``scale`` units)
+    to the prediction of the plan in force before it decided, NaN where no plan had a row for t.
+
+    The plan in force before deciding at t is the last one begun strictly before t; at a replanning
+    step this is the old plan, so the trace shows the error that triggered the new one.
+    """
+    starts = np.asarray(plan_steps, int)
+    H = plans.shape[1]
+    out = np.full(len(states) - 1, np.nan)
+    for t in range(len(out)):
+        j = np.searchsorted(starts, t, side="left") - 1  # last plan begun before t
+        if j >= 0 and t - starts[j] < H:
+            out[t] = np.sqrt((((states[t] - plans[j, t - starts[j]]) / scale) ** 2).mean())
+    return out
+
+
+def pareto_front(cost: Sequence[float], score: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower cost, higher score), by increasing cost."""
+    cost, score = np.asarray(cost, float), np.asarray(score, float)
+    order = np.lexsort((-score, cost))  # by cost, ties: best score first
+    front, best = [], -np.inf
+    for i in order:
+        if score[i] > best:
+            front.append(int(i))
+            best = score[i]
+    return front
 
 
 def nearest_data_distance(states: np.ndarray, data_states: np.ndarray, scale: np.ndarray, chunk: int = 512) -> np.ndarray:

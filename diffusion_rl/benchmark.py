@@ -22,7 +22,7 @@ from diffusion_rl.planner import Planner, rollout
 from diffusion_rl.runtime import torch_threads
 from diffusion_rl.training import DiffuserConfig, make_optimizer
 
-__all__ = ["REFERENCE", "closed_loop_speed", "run_benchmark", "train_speed", "plan_time"]
+__all__ = ["REFERENCE", "closed_loop_speed", "default_controller_speed", "run_benchmark", "train_speed", "plan_time"]
 
 REFERENCE = {
     "train_steps_per_s_b32": 16.5,
@@ -30,8 +30,12 @@ REFERENCE = {
     "plan_s_b10": 0.2,
     "plan_guided2_s_b10": 0.7,
     "study_sweep_s": 3 * 3600 + 35 * 60,
+    "default_env_steps_per_s_2cores": 3000.0,
+    "default_decisions_per_s_1core": 500.0,
 }
-"""``study_sweep_s``: the study's 8 settings x 10 episodes took 3 h 35 min; the target here is 5 minutes."""
+"""``study_sweep_s``: the study's 8 settings x 10 episodes took 3 h 35 min; the target here is 5 minutes.
+``default_*``: the targets for the shipped default controller (the best point of the control study):
+3,000 env steps/s over 20 episodes on 2 cores, and 500 decisions/s for one episode on one core."""
 
 ACT, OBS = 6, 17
 
@@ -90,6 +94,36 @@ def closed_loop_speed(ddim_steps: int | None, episodes: int = 10, max_steps: int
     return sum(r.length for r in results) / (time.perf_counter() - t0)
 
 
+def _default_episodes(seeds: list[int], max_steps: int) -> tuple[int, float]:
+    """Env steps and rollout wall seconds of the shipped planner's default controller on ``seeds`` (one thread)."""
+    from diffusion_rl import pretrained
+    from diffusion_rl.control import controller_from_name
+
+    torch.set_num_threads(1)
+    control = pretrained.DEFAULT_CONTROL["walker2d-h8"]
+    planner = pretrained.load(device="cpu")
+    controller = controller_from_name(control["controller"], window=control["window"], threshold=control["threshold"])
+    t0 = time.perf_counter()
+    results = rollout(planner, seeds, controller=controller, ddim_steps=control["ddim_steps"], warm_start=control["warm_start"],
+                      max_steps=max_steps)
+    return sum(r.length for r in results), time.perf_counter() - t0
+
+
+def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers: int = 2) -> tuple[float, float]:
+    """The default controller's speed: aggregated env steps/s of ``episodes`` split over ``workers`` processes
+    (one core each), and decisions (env steps) per second of one episode alone on one core."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    seeds = list(range(10_000, 10_000 + episodes))
+    # Fresh interpreters (spawn): forking a process whose torch already ran threads can hang.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_default_episodes, [seeds[i::workers] for i in range(workers)], [max_steps] * workers))
+    aggregated = sum(steps for steps, _ in parts) / max(wall for _, wall in parts)
+    steps, wall = _default_episodes(seeds[:1], max_steps)
+    return aggregated, steps / wall
+
+
 def sweep_time(quick: bool = False, workers: int = 2) -> tuple[float, int]:
     """Wall seconds and env steps of the study's sweep protocol with the shipped planner (rollouts only)."""
     import tempfile
@@ -134,6 +168,10 @@ def run_benchmark(quick: bool = False) -> dict:
     one = closed_loop_speed(1, episodes, max_steps)
     rows.append((f"closed loop k=1, 20 DDPM steps, shipped planner, {episodes} ep.", full, "env steps/s", float("nan")))
     rows.append((f"closed loop k=1, 1-step DDIM, shipped planner, {episodes} ep.", one, "env steps/s", one / full))
+    agg, single = default_controller_speed(episodes=4 if quick else 20, max_steps=200 if quick else 1000)
+    rows.append((f"default controller, {4 if quick else 20} ep., 2 processes", agg, "env steps/s (2 cores)",
+                 agg / REFERENCE["default_env_steps_per_s_2cores"]))
+    rows.append(("default controller, 1 episode, 1 core", single, "decisions/s", single / REFERENCE["default_decisions_per_s_1core"]))
     wall, steps = sweep_time(quick)
     what = "reduced study sweep (2 settings x 2 ep. x 200 steps)" if quick else "study sweep (8 settings x 10 ep. x 1000 steps)"
     rows.append((f"{what}, wall", wall, "s (target 300)", REFERENCE["study_sweep_s"] / wall if not quick else float("nan")))

@@ -255,6 +255,20 @@ def _clean_stale(root: Path, dataset_id: str) -> None:
         shutil.rmtree(_cache_folder(root, dataset_id), ignore_errors=True)
 
 
+@contextmanager
+def _build_lock(root: Path, dataset_id: str):
+    """An exclusive lock on building ``dataset_id`` under ``root`` (released when the process dies)."""
+    import fcntl
+
+    path = root / f".lock-{dataset_id.replace('/', '--')}"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def make_dataset(
     dataset_id: str = DEFAULT_DATASET_ID,
     n_episodes: int | None = None,
@@ -278,77 +292,80 @@ def make_dataset(
     validate_dataset_id(dataset_id)
     root = datasets_root()
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root, dataset_id)
-    final = local_dataset_path(dataset_id)
-    if final.exists():
-        if not force:
-            ds = load_dataset(dataset_id, download=False)
-            too_small = ds.total_episodes != n_episodes if n_episodes is not None else ds.total_steps < min_steps
-            if too_small:
-                raise DatasetError(
-                    f"{dataset_id} already exists with {ds.total_episodes} episodes and {ds.total_steps} steps, not the "
-                    f"{f'{n_episodes} episodes' if n_episodes is not None else f'{min_steps}+ steps'} asked for. "
-                    "Rebuild it with --force (force=True) or choose another dataset id."
-                )
-            return ds
-        shutil.rmtree(final)
+    # One build at a time per dataset (two notebooks, or a test and a book build, may ask at once):
+    # whoever waits finds the finished dataset and reuses it.
+    with _build_lock(root, dataset_id):
+        _clean_stale(root, dataset_id)
+        final = local_dataset_path(dataset_id)
+        if final.exists():
+            if not force:
+                ds = load_dataset(dataset_id, download=False)
+                too_small = ds.total_episodes != n_episodes if n_episodes is not None else ds.total_steps < min_steps
+                if too_small:
+                    raise DatasetError(
+                        f"{dataset_id} already exists with {ds.total_episodes} episodes and {ds.total_steps} steps, not the "
+                        f"{f'{n_episodes} episodes' if n_episodes is not None else f'{min_steps}+ steps'} asked for. "
+                        "Rebuild it with --force (force=True) or choose another dataset id."
+                    )
+                return ds
+            shutil.rmtree(final)
 
-    if policy is None:
-        from diffusion_rl.expert import load_policy
+        if policy is None:
+            from diffusion_rl.expert import load_policy
 
-        actor, policy_meta = load_policy(policy_path)
+            actor, policy_meta = load_policy(policy_path)
 
-        def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-            return actor.act(obs, noise=noise)
+            def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+                return actor.act(obs, noise=noise)
 
-    cache = None
-    if (policy_sha := (policy_meta or {}).get("sha256")) is not None:
-        # An episode is fixed by its seed, the policy and the environment: key the kept episodes on those.
-        cache = EpisodeCache(_cache_folder(root, dataset_id), {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1})
-    with torch_threads(1):
-        episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache)
-    returns = np.array([ep.rewards.sum() for ep in episodes])
-    meta = policy_meta or {}
-    ref_max = meta.get("eval_stochastic", {}).get("mean")
-    description = (
-        "Walker2d-v5 episodes from the diffusion_rl SAC expert, actions sampled stochastically "
-        f"(tanh-Gaussian, per-episode noise seeded by the reset seed), reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
-        f"Policy sha256 {meta.get('sha256', 'n/a')}, deterministic eval return "
-        f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic {ref_max if ref_max is not None else float('nan'):.1f}. "
-        "Built by `python -m diffusion_rl make-dataset`. Not the official Minari mujoco/walker2d/expert-v0."
-    )
+        cache = None
+        if (policy_sha := (policy_meta or {}).get("sha256")) is not None:
+            # An episode is fixed by its seed, the policy and the environment: key the kept episodes on those.
+            cache = EpisodeCache(_cache_folder(root, dataset_id), {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1})
+        with torch_threads(1):
+            episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache)
+        returns = np.array([ep.rewards.sum() for ep in episodes])
+        meta = policy_meta or {}
+        ref_max = meta.get("eval_stochastic", {}).get("mean")
+        description = (
+            "Walker2d-v5 episodes from the diffusion_rl SAC expert, actions sampled stochastically "
+            f"(tanh-Gaussian, per-episode noise seeded by the reset seed), reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
+            f"Policy sha256 {meta.get('sha256', 'n/a')}, deterministic eval return "
+            f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic {ref_max if ref_max is not None else float('nan'):.1f}. "
+            "Built by `python -m diffusion_rl make-dataset`. Not the official Minari mujoco/walker2d/expert-v0."
+        )
 
-    staging = root / f".staging-{os.getpid()}-{final.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with _minari_root(staging), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            minari.create_dataset_from_buffers(
-                dataset_id=dataset_id,
-                buffer=episodes,
-                env=make_env().spec,
-                algorithm_name="SAC (diffusion_rl.expert), stochastic actions",
-                author="diffusion-rl contributors",
-                author_email="see the repository",
-                code_permalink="diffusion_rl/collect.py",
-                ref_min_score=random_policy_return() if ref_max is not None else None,
-                ref_max_score=ref_max,
-                description=description,
-                requirements=["mujoco>=3.0", "gymnasium>=1.0"],
-            )
-        staged = staging.joinpath(*dataset_id.split("/"))
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if not (final.parent / "namespace_metadata.json").exists() and (staged.parent / "namespace_metadata.json").exists():
-            # Atomically: a kill mid-copy must not leave a truncated file that later builds keep.
-            atomic_write_bytes(final.parent / "namespace_metadata.json", (staged.parent / "namespace_metadata.json").read_bytes())
-        os.replace(staged, final)  # the one step that makes the dataset visible
-    finally:
+        staging = root / f".staging-{os.getpid()}-{final.name}"
         shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(_cache_folder(root, dataset_id), ignore_errors=True)
-    ds = load_dataset(dataset_id, download=False)
-    if len(returns) != ds.total_episodes:
-        raise DatasetError(f"Wrote {len(returns)} episodes but read back {ds.total_episodes}.")
-    return ds
+        try:
+            with _minari_root(staging), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                minari.create_dataset_from_buffers(
+                    dataset_id=dataset_id,
+                    buffer=episodes,
+                    env=make_env().spec,
+                    algorithm_name="SAC (diffusion_rl.expert), stochastic actions",
+                    author="diffusion-rl contributors",
+                    author_email="see the repository",
+                    code_permalink="diffusion_rl/collect.py",
+                    ref_min_score=random_policy_return() if ref_max is not None else None,
+                    ref_max_score=ref_max,
+                    description=description,
+                    requirements=["mujoco>=3.0", "gymnasium>=1.0"],
+                )
+            staged = staging.joinpath(*dataset_id.split("/"))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if not (final.parent / "namespace_metadata.json").exists() and (staged.parent / "namespace_metadata.json").exists():
+                # Atomically: a kill mid-copy must not leave a truncated file that later builds keep.
+                atomic_write_bytes(final.parent / "namespace_metadata.json", (staged.parent / "namespace_metadata.json").read_bytes())
+            os.replace(staged, final)  # the one step that makes the dataset visible
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(_cache_folder(root, dataset_id), ignore_errors=True)
+        ds = load_dataset(dataset_id, download=False)
+        if len(returns) != ds.total_episodes:
+            raise DatasetError(f"Wrote {len(returns)} episodes but read back {ds.total_episodes}.")
+        return ds
 
 
 def dataset_summary(ds) -> dict:

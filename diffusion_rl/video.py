@@ -34,6 +34,7 @@ __all__ = [
     "RenderError",
     "check_gl",
     "caption_frames",
+    "side_by_side",
     "episode_frames",
     "integrate_x",
     "plan_ghost_qpos",
@@ -314,6 +315,19 @@ def episode_frames(
             ghosts[i, 1] = planned[-1]
     rgba = np.array([GHOST_RGBA, PLAN_END_RGBA])[: ghosts.shape[1]]
     return render_states(qpos, width=width, height=height, ghosts=ghosts, ghost_rgba=rgba)
+
+
+def side_by_side(*videos: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Frames of several videos (T_i, H, W, 3) next to each other; a shorter one holds its last frame."""
+    if not videos:
+        raise ValueError("side_by_side needs at least one video")
+    if len({v.shape[1] for v in videos}) != 1:
+        raise ValueError(f"videos must share their height, got {[v.shape[1] for v in videos]}")
+    T = max(len(v) for v in videos)
+    padded = [np.concatenate([v, np.repeat(v[-1:], T - len(v), 0)]) for v in videos]
+    spacer = np.full((T, videos[0].shape[1], gap, 3), 255, np.uint8)
+    parts = [x for v in padded for x in (v, spacer)][:-1]
+    return np.concatenate(parts, axis=2)
 
 
 def caption_frames(frames: np.ndarray, text: str | Sequence[str], xy: tuple[int, int] = (8, 6), size: int = 16) -> np.ndarray:

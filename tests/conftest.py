@@ -1,7 +1,18 @@
-"""Shared fixtures: every test gets its own Minari folder and a single torch thread."""
+"""Shared fixtures: every test gets its own Minari folder and a single torch thread.
+
+The browser test's book build (test_book.py) is the suite's longest single job. It starts in the
+background as soon as the tests are collected, on the second core, while every other test and
+notebook runs on the first; test_book.py's tests run last and wait for it.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +106,48 @@ def poison_loss(monkeypatch, name: str, at_call: int) -> None:
         return loss * float("nan") if calls["n"] == at_call else loss
 
     monkeypatch.setattr(tr, name, poisoned)
+
+
+class BookBuild:
+    """`jupyter-book build` of the whole book into a temporary folder, running in the background."""
+
+    def __init__(self):
+        root = Path(__file__).resolve().parents[1]
+        self.out = Path(tempfile.mkdtemp(prefix="diffusion-rl-book-"))
+        self.log = open(self.out / "build.log", "w+")
+        jb = shutil.which("jupyter-book") or str(Path(sys.executable).with_name("jupyter-book"))
+        # One thread per notebook kernel: the build shares the machine with the rest of the suite.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen([jb, "build", str(root), "--path-output", str(self.out), "-W", "--keep-going"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def html(self, timeout: float = 1800) -> Path:
+        """Wait for the build; the built HTML folder, or a failure with the build's last output."""
+        code = self.proc.wait(timeout=timeout)
+        print(f"book built in {time.perf_counter() - self.t0:.0f} s (beside the other tests)")
+        self.log.seek(0)
+        assert code == 0, self.log.read()[-8000:]
+        return self.out / "_build" / "html"
+
+    def close(self) -> None:
+        """Stop the build if it still runs, and remove its folder."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Move the book's tests last and start their build now, so that it runs beside everything else."""
+    book = [item for item in items if item.path.name == "test_book.py"]
+    if book and not config.getoption("collectonly"):
+        items[:] = [item for item in items if item.path.name != "test_book.py"] + book
+        config.book_build = BookBuild()
+
+
+def pytest_unconfigure(config):
+    build = getattr(config, "book_build", None)
+    if build is not None:
+        build.close()

@@ -148,3 +148,76 @@ def test_likelihood_thresholds_span_k1_to_kH_and_count_the_probes(planner):
     assert never.n_plans == 5 and never.denoiser_evals == 5 * 20 + 5 * 7  # whole plans, probed at offsets 1..7
     with pytest.raises(ValueError, match=">= 0"):
         Likelihood(-1.0)
+
+
+# ----------------------------------------------------------------------------- the control study's tools
+
+
+def test_the_pareto_front_keeps_only_unbeaten_points():
+    from diffusion_rl.analysis import pareto_front
+
+    cost = [20.0, 2.5, 1.0, 0.2, 0.5, 0.2]
+    score = [101.0, 65.0, 100.0, 99.0, 98.0, 90.0]
+    assert pareto_front(cost, score) == [3, 2, 0]  # 0.5 (98) loses to 0.2 (99); 2.5 (65) to 1.0 (100); ties on cost keep the better
+
+
+def test_the_replanning_trace_is_what_the_state_error_controller_saw(planner):
+    from diffusion_rl.analysis import replanning_trace
+
+    tau = 0.3
+    r = rollout(planner, [10_001], controller=StateError(tau), ddim_steps=1, max_steps=60, record=True)[0]
+    trace = replanning_trace(r.states, r.plans[..., planner.action_dim:], r.plan_steps, planner.obs_normalizer.scale)
+    replans = set(r.plan_steps.tolist())
+    for t in range(1, r.length):
+        ran_out = t - max(p for p in replans if p < t) >= planner.horizon
+        # The state-error controller replans exactly where the trace it saw crosses tau (or the plan ran out).
+        assert (t in replans) == (ran_out or trace[t] > tau), t
+    assert np.isnan(trace[0])
+
+
+def test_the_default_is_the_cheapest_setting_that_keeps_98_percent():
+    from diffusion_rl.studies import choose_default
+
+    def s(name, score, evals, controller="state-error"):
+        return {"name": name, "normalized": {"mean": score}, "denoiser_evals_per_step": evals, "controller": controller,
+                "window": None, "threshold": 0.3, "ddim_steps": 1, "warm_start": None}
+
+    summary = {"settings": [s("fixed-k1-ddpm20", 100.0, 20.0, "fixed"), s("a", 97.9, 0.1), s("b", 98.0, 0.3), s("c", 99.5, 0.2),
+                            s("d", 101.0, 0.2)]}
+    assert choose_default(summary)["setting"] == "d"  # c and d cost the same: the better score wins; a misses the bar
+    with pytest.raises(ValueError, match="No setting"):
+        choose_default(summary, keep=1.02)
+
+
+def test_the_shipped_default_controller_is_the_one_the_tuning_seeds_chose():
+    from diffusion_rl.studies import choose_default, load_study
+
+    _, tuning = load_study("control", "tuning")
+    _, summary = load_study("control")
+    chosen = choose_default(tuning)
+    assert summary["notes"]["default"] == chosen
+    assert pretrained.DEFAULT_CONTROL["walker2d-h8"] == {k: chosen[k] for k in ("controller", "window", "threshold", "ddim_steps", "warm_start")}
+
+
+def test_the_control_study_has_every_setting_on_the_same_30_seeds():
+    from diffusion_rl.studies import load_study
+
+    rows, summary = load_study("control")
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(r["setting"], []).append(r["seed"])
+    assert set(seeds) == {s["name"] for s in summary["settings"]}
+    assert all(v == list(range(10_000, 10_030)) for v in seeds.values())
+    for col in ("setting", "controller", "seed", "return", "normalized", "fell", "env_steps", "plans", "denoiser_evals"):
+        assert col in rows[0]
+    k8 = [r for r in rows if r["setting"] == "fixed-k8-ddpm20"]
+    window_sweep = [r for r in load_window_sweep_rows() if r["window"] == 8]
+    # The same episodes as the window sweep's k = 8: the controller layer is the old rule, bit for bit.
+    assert [r["return"] for r in k8] == [round(r["return"], 3) for r in sorted(window_sweep, key=lambda r: r["seed"])]
+
+
+def load_window_sweep_rows() -> list[dict]:
+    from diffusion_rl import sweep
+
+    return [{"window": e["window"], "guidance_scale": e["guidance_scale"], "seed": e["seed"], "return": e["return"]}
+            for e in sweep.load_results().episodes if e["setting"] == f"k{e['window']}"]

@@ -378,3 +378,16 @@ def test_caption_frames_writes_one_or_per_frame_text_in_place() -> None:
     assert not np.array_equal(each[0], each[1])
     with pytest.raises(ValueError, match="2 captions for 3 frames"):
         video.caption_frames(frames, ["a", "b"])
+
+
+def test_side_by_side_holds_the_shorter_video_on_its_last_frame():
+    from diffusion_rl.video import side_by_side
+
+    a = np.zeros((5, 4, 3, 3), np.uint8)
+    b = np.full((3, 4, 2, 3), 7, np.uint8)
+    b[-1] = 9
+    out = side_by_side(a, b, gap=1)
+    assert out.shape == (5, 4, 3 + 1 + 2, 3)
+    assert (out[:, :, 4:] [3:] == 9).all() and (out[:, :, 3] == 255).all()
+    with pytest.raises(ValueError, match="height"):
+        side_by_side(a, np.zeros((2, 5, 2, 3), np.uint8))
