@@ -138,6 +138,17 @@ def choose_default(summary: dict, reference: str = "fixed-k1-ddpm20", keep: floa
                 f"the fewest denoiser evaluations per env step among settings scoring >= {keep:.0%} of {reference} on the tuning seeds")}
 
 
+def control_arms(horizon: int = 8) -> list[Arm]:
+    """The control study's settings on the evaluation seeds, before the default's inverse-dynamics twin is added."""
+    arms = [_arm("fixed", k) for k in range(1, horizon + 1)]
+    arms += [_arm("fixed", k, ddim_steps=s) for s in DDIM_STEPS for k in range(1, horizon + 1)]
+    arms += [_arm("fixed", k, warm_start=n) for k in (1, 2, 4) for n in WARM_STARTS]
+    arms += [_arm("state-error", None, tau, ddim_steps=s) for s in (None, 1, 2, 3) for tau in STATE_ERROR_THRESHOLDS]
+    arms += [_arm("likelihood", None, tau, ddim_steps=s) for s in (1, 2) for tau in LIKELIHOOD_THRESHOLDS]
+    arms += [_arm("fixed", k, inverse_dynamics=INVERSE_DYNAMICS) for k in (1, 4, horizon)]
+    return arms
+
+
 def control_study(out_dir: str | os.PathLike, planner_name: str = "walker2d-h8", command: str = "", progress: bool = True) -> dict:
     """Score against compute for fixed windows, few-step samplers, warm starts, adaptive replanning and inverse dynamics."""
     from diffusion_rl.pretrained import ASSETS, read_sidecar
@@ -152,12 +163,7 @@ def control_study(out_dir: str | os.PathLike, planner_name: str = "walker2d-h8",
     tuned = run_experiment(planner, tuning, TUNING_SEEDS, out / "tuning", identity, command, progress=progress)
     default = choose_default(tuned)
 
-    arms = [_arm("fixed", k) for k in range(1, H + 1)]
-    arms += [_arm("fixed", k, ddim_steps=s) for s in DDIM_STEPS for k in range(1, H + 1)]
-    arms += [_arm("fixed", k, warm_start=n) for k in (1, 2, 4) for n in WARM_STARTS]
-    arms += [_arm("state-error", None, tau, ddim_steps=s) for s in (None, 1, 2, 3) for tau in STATE_ERROR_THRESHOLDS]
-    arms += [_arm("likelihood", None, tau, ddim_steps=s) for s in (1, 2) for tau in LIKELIHOOD_THRESHOLDS]
-    arms += [_arm("fixed", k, inverse_dynamics=INVERSE_DYNAMICS) for k in (1, 4, H)]
+    arms = control_arms(H)
     names = {a.name for a in arms}
     chosen = default["setting"]
     invdyn_default = setting_name(default["controller"], default["window"], default["threshold"], default["ddim_steps"],
