@@ -139,9 +139,10 @@ def _datasets(report: dict) -> None:
 def _expected_assets() -> set[str]:
     """The weight files the package ships, by name."""
     from diffusion_rl.expert import shipped_policy_path
-    from diffusion_rl.pretrained import PRETRAINED
+    from diffusion_rl.pretrained import INVERSE_DYNAMICS, PRETRAINED
 
-    return {shipped_policy_path().name} | {name for files in PRETRAINED.values() for name in files.values()}
+    return ({shipped_policy_path().name} | {name for files in PRETRAINED.values() for name in files.values()}
+            | set(INVERSE_DYNAMICS.values()))
 
 
 def _sha256(path: Path) -> str:
