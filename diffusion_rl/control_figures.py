@@ -13,7 +13,7 @@ import numpy as np
 
 from diffusion_rl.analysis import pareto_front, replanning_trace
 
-__all__ = ["FAMILIES", "control_table_html", "family", "front", "plot_front", "plot_replanning"]
+__all__ = ["FAMILIES", "comparisons_html", "control_table_html", "family", "front", "plot_front", "plot_replanning"]
 
 FAMILIES = {
     "fixed window, 20 steps": ("#1f77b4", "o", "-"),
@@ -101,6 +101,24 @@ def control_table_html(summary: dict, names: Sequence[str] | None = None) -> str
         body.append(
             f"<tr><td><code>{html.escape(s['name'])}</code></td><td>{s['normalized']['mean']:.1f} [{lo:.1f}, {hi:.1f}]</td>"
             f"<td>{s['falls']}/{s['episodes']}</td><td>{s['steps_per_plan']:.2f}</td><td>{s['denoiser_evals_per_step']:.3f}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def comparisons_html(summary: dict) -> str:
+    """An HTML table of the study's paired comparisons: treatment minus baseline on the same seeds, and their compute."""
+    settings = {s["name"]: s for s in summary["settings"]}
+    head = ("<tr><th>idea</th><th>against</th><th>score difference, points [95% CI]</th><th>falls</th>"
+            "<th>denoiser evals per step</th></tr>")
+    body = []
+    for c in summary["comparisons"]:
+        a, b = settings[c["baseline"]], settings[c["treatment"]]
+        d = c["normalized"]
+        lo, hi = d["ci95"]
+        body.append(
+            f"<tr><td><code>{html.escape(c['treatment'])}</code></td><td><code>{html.escape(c['baseline'])}</code></td>"
+            f"<td>{d['mean']:+.1f} [{lo:+.1f}, {hi:+.1f}]</td><td>{a['falls']} &rarr; {b['falls']}</td>"
+            f"<td>{a['denoiser_evals_per_step']:.2f} &rarr; {b['denoiser_evals_per_step']:.2f}</td></tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
 
