@@ -32,7 +32,7 @@ PRETRAINED = {
 """Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``."""
 
 DEFAULT_CONTROL = {
-    "walker2d-h8": {"controller": "fixed", "window": None, "threshold": None, "ddim_steps": None, "warm_start": None},
+    "walker2d-h8": {"controller": "fixed", "window": 4, "threshold": None, "ddim_steps": 1, "warm_start": None},
 }
 """How ``evaluate`` runs each shipped planner when given no controller options: the setting the control
 study chose on its tuning seeds (``diffusion_rl/assets/control_study/summary.json``, notes.default)."""
