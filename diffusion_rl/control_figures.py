@@ -51,12 +51,24 @@ def front(summary: dict) -> list[dict]:
     return [settings[i] for i in idx]
 
 
-def plot_front(summary: dict, reference: str = "fixed-k1-ddpm20", keep: float = 0.98, ax=None):
-    """Mean score (95% CI) against denoiser evaluations per env step, every setting, with the front and the targets."""
+def plot_front(summary: dict, reference: str = "fixed-k1-ddpm20", keep: float = 0.98, zoom: tuple[float, float] = (90.0, 104.0)):
+    """Mean score (95% CI) against denoiser evaluations per env step for every setting, with the front and the
+    98% line; below, the same picture zoomed to the scores in ``zoom``, where the front is decided."""
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, axes = plt.subplots(2, 1, figsize=(8.5, 10.0), sharex=True, gridspec_kw={"height_ratios": [1.2, 1]})
+    for ax in axes:
+        _draw_front(ax, summary, reference, keep)
+    axes[0].set_title("Score against compute: every setting of the control study")
+    axes[1].set_ylim(*zoom)
+    axes[1].set_title(f"zoomed to {zoom[0]:g}-{zoom[1]:g}%", fontsize=10)
+    axes[1].set_xlabel("denoiser evaluations per environment step (log scale)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def _draw_front(ax, summary: dict, reference: str, keep: float) -> None:
     settings = summary["settings"]
     by_family: dict[str, list[dict]] = {}
     for s in settings:
@@ -75,34 +87,16 @@ def plot_front(summary: dict, reference: str = "fixed-k1-ddpm20", keep: float = 
             color="black", linewidth=1, alpha=0.6, label="front")
     ref = next(s for s in settings if s["name"] == reference)["normalized"]["mean"]
     ax.axhline(keep * ref, color="black", linestyle="--", linewidth=0.8)
-    ax.annotate(f"{keep:.0%} of the k = 1 score", (0.01, keep * ref), xycoords=("axes fraction", "data"), xytext=(0, -11),
-                textcoords="offset points", fontsize=8)
+    ax.annotate(f"{keep:.0%} of the k = 1 score", (0.99, keep * ref), xycoords=("axes fraction", "data"), xytext=(0, -11),
+                textcoords="offset points", fontsize=9, ha="right")
     default = summary.get("notes", {}).get("default", {}).get("setting")
     if default:
         d = next(s for s in settings if s["name"] == default)
         ax.plot(d["denoiser_evals_per_step"], d["normalized"]["mean"], "o", markersize=16, markerfacecolor="none",
                 markeredgecolor="black", label=f"default: {default}")
     ax.set_xscale("log")
-    ax.set(xlabel="denoiser evaluations per environment step (log scale)", ylabel="% of the data's mean return (95% CI)",
-           title="Score against compute: every setting of the control study")
+    ax.set_ylabel("% of the data's mean return (95% CI)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7.5, loc="lower right", ncol=2)
-    return ax.figure
-
-
-def control_table_html(summary: dict, names: Sequence[str] | None = None) -> str:
-    """An HTML table of settings (default: the front): score with interval, falls, actions per plan, evaluations per step."""
-    rows = front(summary) if names is None else [next(s for s in summary["settings"] if s["name"] == n) for n in names]
-    head = ("<tr><th>setting</th><th>% of data [95% CI]</th><th>falls</th><th>actions per plan</th>"
-            "<th>denoiser evals per step</th></tr>")
-    body = []
-    for s in rows:
-        lo, hi = s["normalized"]["ci95"]
-        body.append(
-            f"<tr><td><code>{html.escape(s['name'])}</code></td><td>{s['normalized']['mean']:.1f} [{lo:.1f}, {hi:.1f}]</td>"
-            f"<td>{s['falls']}/{s['episodes']}</td><td>{s['steps_per_plan']:.2f}</td><td>{s['denoiser_evals_per_step']:.3f}</td></tr>"
-        )
-    return f"<table>{head}{''.join(body)}</table>"
 
 
 def comparisons_html(summary: dict) -> str:
