@@ -94,14 +94,18 @@ def closed_loop_speed(ddim_steps: int | None, episodes: int = 10, max_steps: int
     return sum(r.length for r in results) / (time.perf_counter() - t0)
 
 
-def _default_episodes(seeds: list[int], max_steps: int) -> tuple[int, float]:
-    """Env steps and rollout wall seconds of the shipped planner's default controller on ``seeds`` (one thread)."""
+def _default_episodes(seeds: list[int], max_steps: int, min_batch: int = 16) -> tuple[int, float]:
+    """Env steps and rollout wall seconds of the shipped planner's default controller on ``seeds`` (one thread).
+
+    ``min_batch``: the planner pads smaller batches to this many rows, which makes every episode's result
+    independent of its batch-mates (the studies' setting, 16); 1 plans a lone episode without padding.
+    """
     from diffusion_rl import pretrained
     from diffusion_rl.control import controller_from_name
 
     torch.set_num_threads(1)
     control = pretrained.DEFAULT_CONTROL["walker2d-h8"]
-    planner = pretrained.load(device="cpu")
+    planner = pretrained.load(device="cpu", min_batch=min_batch)
     controller = controller_from_name(control["controller"], window=control["window"], threshold=control["threshold"])
     t0 = time.perf_counter()
     results = rollout(planner, seeds, controller=controller, ddim_steps=control["ddim_steps"], warm_start=control["warm_start"],
@@ -109,9 +113,10 @@ def _default_episodes(seeds: list[int], max_steps: int) -> tuple[int, float]:
     return sum(r.length for r in results), time.perf_counter() - t0
 
 
-def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers: int = 2) -> tuple[float, float]:
+def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers: int = 2) -> tuple[float, float, float]:
     """The default controller's speed: aggregated env steps/s of ``episodes`` split over ``workers`` processes
-    (one core each), and decisions (env steps) per second of one episode alone on one core."""
+    (one core each), and decisions (env steps) per second of one episode alone on one core, with the
+    studies' padded batches and without padding."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -121,7 +126,8 @@ def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers:
         parts = list(pool.map(_default_episodes, [seeds[i::workers] for i in range(workers)], [max_steps] * workers))
     aggregated = sum(steps for steps, _ in parts) / max(wall for _, wall in parts)
     steps, wall = _default_episodes(seeds[:1], max_steps)
-    return aggregated, steps / wall
+    lone_steps, lone_wall = _default_episodes(seeds[:1], max_steps, min_batch=1)
+    return aggregated, steps / wall, lone_steps / lone_wall
 
 
 def sweep_time(quick: bool = False, workers: int = 2) -> tuple[float, int]:
@@ -168,10 +174,13 @@ def run_benchmark(quick: bool = False) -> dict:
     one = closed_loop_speed(1, episodes, max_steps)
     rows.append((f"closed loop k=1, 20 DDPM steps, shipped planner, {episodes} ep.", full, "env steps/s", float("nan")))
     rows.append((f"closed loop k=1, 1-step DDIM, shipped planner, {episodes} ep.", one, "env steps/s", one / full))
-    agg, single = default_controller_speed(episodes=4 if quick else 20, max_steps=200 if quick else 1000)
+    agg, single, lone = default_controller_speed(episodes=4 if quick else 20, max_steps=200 if quick else 1000)
     rows.append((f"default controller, {4 if quick else 20} ep., 2 processes", agg, "env steps/s (2 cores)",
                  agg / REFERENCE["default_env_steps_per_s_2cores"]))
-    rows.append(("default controller, 1 episode, 1 core", single, "decisions/s", single / REFERENCE["default_decisions_per_s_1core"]))
+    rows.append(("default controller, 1 episode, 1 core, padded batch", single, "decisions/s",
+                 single / REFERENCE["default_decisions_per_s_1core"]))
+    rows.append(("default controller, 1 episode, 1 core, min_batch=1", lone, "decisions/s",
+                 lone / REFERENCE["default_decisions_per_s_1core"]))
     wall, steps = sweep_time(quick)
     what = "reduced study sweep (2 settings x 2 ep. x 200 steps)" if quick else "study sweep (8 settings x 10 ep. x 1000 steps)"
     rows.append((f"{what}, wall", wall, "s (target 300)", REFERENCE["study_sweep_s"] / wall if not quick else float("nan")))

@@ -172,6 +172,7 @@ class Planner:
         ddim_steps: int | None = None,
         return_chain: bool = False,
         warm_start: tuple[torch.Tensor, int] | None = None,
+        with_values: bool = True,
     ) -> Plan:
         """Plans from observations (B, obs_dim) or (obs_dim,).
 
@@ -179,6 +180,8 @@ class Planner:
         highest (best-of-N). Noise comes from one generator per row (``generators``), or from ``seed``.
         ``warm_start = (tau, n)``: start each row from its guess ``tau`` (B, H, D, normalized, e.g. the
         previous plan shifted by :func:`shift_plan`) noised to level n - 1, and denoise n levels only.
+        ``with_values=False`` skips scoring an unguided single plan with the value network (``Plan.values`` is
+        then None): the closed loop never reads it, and for a one-step sampler it is a third of the work.
         """
         obs = np.asarray(observations, np.float32)
         single = obs.ndim == 1
@@ -220,7 +223,7 @@ class Planner:
             out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain,
                                         action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]))
             x, values, chain = out.trajectories, out.values, out.chain
-            if values is None and self.value is not None:
+            if values is None and self.value is not None and (with_values or n_samples > 1):
                 values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
         # Plain tensors again (not inference tensors), so callers may differentiate through them.
         x, chain = x[:rows].clone(), (chain[:, :rows].clone() if chain is not None else None)
@@ -396,7 +399,8 @@ def rollout(
                     start = None
                     if warm:
                         start = (torch.stack([shift_plan(previous[i], controllers[i].offset) for i in rows]), warm_start)
-                    plan = planner.plan(obs[rows], g, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps, warm_start=start)
+                    plan = planner.plan(obs[rows], g, n_samples, [gens[i] for i in rows], ddim_steps=ddim_steps, warm_start=start,
+                                        with_values=False)
                     evals, gradients = work(warm)
                     for j, i in enumerate(rows):
                         controllers[i].new_plan(plan.actions[j], plan.observations[j])
