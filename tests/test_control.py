@@ -48,6 +48,18 @@ def test_controllers_do_not_depend_on_their_batch_mates(planner):
     assert same(mixed[:1], alone)
 
 
+def test_the_default_controller_does_not_depend_on_how_episodes_are_batched(planner):
+    d = pretrained.DEFAULT_CONTROL["walker2d-h8"]
+
+    def run(seeds):
+        c = controller_from_name(d["controller"], window=d["window"], threshold=d["threshold"])
+        return rollout(planner, seeds, controller=c, ddim_steps=d["ddim_steps"], warm_start=d["warm_start"], max_steps=60)
+
+    together = run([10_003, 10_004, 10_005, 10_006])
+    assert same(together, [run([s])[0] for s in (10_003, 10_004, 10_005, 10_006)])
+    assert same(together[2:], run([10_005, 10_006]))
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda: StateError(-0.1), ">= 0"), (lambda: StateError(float("nan")), ">= 0"), (lambda: FixedWindow(2.5), "integer"), (lambda: FixedWindow(0).bind(8, np.ones(17)), "1..8"),
     (lambda: controller_from_name("oracle"), "Unknown controller"),
