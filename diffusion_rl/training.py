@@ -185,6 +185,8 @@ def config_kind(cfg: TrainConfig) -> str:
 
 def build_windows(cfg: TrainConfig, normalizer: Normalizer | None = None, held_out: bool = False) -> TrajectoryWindows:
     """The training windows of a config's dataset (values as the value config asks; ``held_out``: the inverse-dynamics validation episodes)."""
+    if not isinstance(cfg, InverseDynamicsConfig):
+        check_horizon(cfg.horizon, _mults(cfg.dim_mults))  # before loading: a bad shape is named even without the data
     episodes = load_episodes(cfg.dataset_id)
     if isinstance(cfg, InverseDynamicsConfig):
         if not 0 < cfg.validation_share < 1:
@@ -195,7 +197,6 @@ def build_windows(cfg: TrainConfig, normalizer: Normalizer | None = None, held_o
         episodes = episodes[-n_val:] if held_out else episodes[:-n_val]
         # No absorbing padding after a fall: its (s_T, s_T, a = 0) pairs are no transitions of the walker.
         return TrajectoryWindows(episodes, cfg.horizon, normalizer or cfg.normalizer, pad_terminal=False)
-    check_horizon(cfg.horizon, _mults(cfg.dim_mults))
     value_opts = {}
     if isinstance(cfg, ValueConfig):
         value_opts = dict(discount=cfg.discount, value_scope=cfg.value_scope, termination_penalty=cfg.termination_penalty)
