@@ -99,6 +99,21 @@ def _draw_front(ax, summary: dict, reference: str, keep: float) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def control_table_html(summary: dict, names: Sequence[str] | None = None) -> str:
+    """An HTML table of settings (default: the front): score with interval, falls, actions per plan, evaluations per step."""
+    rows = front(summary) if names is None else [next(s for s in summary["settings"] if s["name"] == n) for n in names]
+    head = ("<tr><th>setting</th><th>% of data [95% CI]</th><th>falls</th><th>actions per plan</th>"
+            "<th>denoiser evals per step</th></tr>")
+    body = []
+    for s in rows:
+        lo, hi = s["normalized"]["ci95"]
+        body.append(
+            f"<tr><td><code>{html.escape(s['name'])}</code></td><td>{s['normalized']['mean']:.1f} [{lo:.1f}, {hi:.1f}]</td>"
+            f"<td>{s['falls']}/{s['episodes']}</td><td>{s['steps_per_plan']:.2f}</td><td>{s['denoiser_evals_per_step']:.3f}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
 def comparisons_html(summary: dict) -> str:
     """An HTML table of the study's paired comparisons: treatment minus baseline on the same seeds, and their compute."""
     settings = {s["name"]: s for s in summary["settings"]}

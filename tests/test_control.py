@@ -233,3 +233,25 @@ def load_window_sweep_rows() -> list[dict]:
 
     return [{"window": e["window"], "guidance_scale": e["guidance_scale"], "seed": e["seed"], "return": e["return"]}
             for e in sweep.load_results().episodes if e["setting"] == f"k{e['window']}"]
+
+
+def test_the_chapter_figures_and_tables_draw_from_the_shipped_study():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffusion_rl import control_figures as cf
+    from diffusion_rl.studies import load_study
+
+    _, summary = load_study("control")
+    front = cf.front(summary)
+    costs = [s["denoiser_evals_per_step"] for s in front]
+    assert costs == sorted(costs) and len(front) >= 2
+    assert all(a["normalized"]["mean"] < b["normalized"]["mean"] for a, b in zip(front, front[1:]))
+    assert cf.control_table_html(summary).count("<tr>") == len(front) + 1
+    assert cf.comparisons_html(summary).count("<tr>") == len(summary["comparisons"]) + 1
+    assert {cf.family(s) for s in summary["settings"]} == set(cf.FAMILIES)
+    fig = cf.plot_front(summary)
+    assert len(fig.axes) == 2
+    plt.close(fig)
