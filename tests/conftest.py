@@ -94,6 +94,18 @@ def tiny_runs(root: Path, tmp_path_factory, diffuser_cfg, value_cfg) -> tuple[Pa
     return d, v
 
 
+def kill_at_first_checkpoint(args: list[str], checkpoint: Path, timeout: float = 120) -> None:
+    """Start the command ``args`` and SIGKILL it as soon as ``checkpoint`` exists (or after ``timeout`` s)."""
+    import signal
+
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def poison_loss(monkeypatch, name: str, at_call: int) -> None:
     """Make ``diffusion_rl.training.<name>`` (a loss function) return NaN on its ``at_call``-th call."""
     import diffusion_rl.training as tr

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import module_dataset, tiny_common
+from conftest import kill_at_first_checkpoint, module_dataset, tiny_common
 
 from diffusion_rl import pretrained
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
@@ -71,12 +69,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(run, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "diffusion_rl", "train-inverse-dynamics", "--run-dir", str(out),
             "--total-steps", str(TINY.total_steps), "--checkpoint-every", str(TINY.checkpoint_every), *CLI_ARGS]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint.pt").exists():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(args, out / "checkpoint.pt")
     assert 0 < load_checkpoint(out / "checkpoint.pt")["step"] < TINY.total_steps, "the kill should land mid-run"
     subprocess.run(args, check=True, capture_output=True)
     for part in ("ema", "model"):

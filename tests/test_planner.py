@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import module_dataset, poison_loss, tiny_common, tiny_runs
+from conftest import kill_at_first_checkpoint, module_dataset, poison_loss, tiny_common, tiny_runs
 
 from diffusion_rl import pretrained
 from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
@@ -67,12 +67,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_weights(runs, tmp_path, kind
     total = TINY_D.total_steps if kind == "diffuser" else TINY_V.total_steps
     every = TINY_D.checkpoint_every if kind == "diffuser" else TINY_V.checkpoint_every
     args = cli(f"train-{kind}", "--run-dir", str(run), "--total-steps", str(total), "--checkpoint-every", str(every), *CLI_ARGS)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoint.pt").exists():
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(args, run / "checkpoint.pt")
     state = load_checkpoint(run / "checkpoint.pt", kind=kind)
     assert 0 < state["step"] < total, "the kill should land mid-run"
     subprocess.run(args, check=True, capture_output=True)
