@@ -138,11 +138,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     controller = controller_from_name(control["controller"] or "fixed", window=control["window"], threshold=control["threshold"])
     planner = _load_planner(args).with_options(guide_placement=args.guide_placement, clip_actions=args.clip_actions)
     inverse = load_inverse_dynamics(args.inverse_dynamics) if args.inverse_dynamics else None
+    from diffusion_rl.disturbances import Disturbance
+
+    disturbance = config_from_args(Disturbance, args)
     summary = evaluate(
         planner, guidance_scale=args.guidance_scale, n_samples=args.samples,
         seeds=range(args.first_seed, args.first_seed + args.episodes), ddim_steps=control["ddim_steps"],
         max_steps=args.max_steps, progress=not args.no_progress, controller=controller, warm_start=control["warm_start"],
-        inverse_dynamics=inverse,
+        inverse_dynamics=inverse, disturbance=disturbance,
     )
     print(json.dumps({k: v for k, v in summary.items() if k not in ("returns", "seeds")}, indent=2))
     return 0
@@ -296,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=10_000, help="reset seed of the first episode (default: 10000)")
     p.add_argument("--max-steps", type=int, default=1000, help="episode length limit (default: 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from diffusion_rl.disturbances import Disturbance
+
+    _add_dataclass_args(p.add_argument_group("disturbances (pushes on the torso, shifted dynamics; seeded by each episode's seed)"), Disturbance)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export-planner", help="export trained runs as the package's planner and score it in closed loop")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffusion_rl.checkpoint import atomic_write_json
 from diffusion_rl.control import Controller, InverseDynamicsActions
+from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import EVAL_SEEDS
 from diffusion_rl.planner import Planner, rollout, summarize
 
@@ -43,16 +44,18 @@ def evaluate(
     controller: Controller | None = None,
     warm_start: int | None = None,
     inverse_dynamics: InverseDynamicsActions | None = None,
+    disturbance: Disturbance | None = None,
 ) -> dict:
     """Closed-loop episodes on ``seeds``: mean/std return, falls, percent of the data's mean return, the planning work, wall time.
 
     ``window`` k (default 1) or a ``controller`` decides when to replan; ``warm_start`` n re-noises
     the previous plan to n levels instead of sampling each plan from pure noise; ``inverse_dynamics``
-    acts toward the plan's next state instead of replaying its actions.
+    acts toward the plan's next state instead of replaying its actions; ``disturbance`` pushes the walker
+    or shifts its dynamics (recorded in the result).
     """
     t0 = time.perf_counter()
     results = rollout(planner, list(seeds), window, guidance_scale, n_samples, ddim_steps, max_steps, progress=progress,
-                      controller=controller, warm_start=warm_start, inverse_dynamics=inverse_dynamics)
+                      controller=controller, warm_start=warm_start, inverse_dynamics=inverse_dynamics, disturbance=disturbance)
     wall = time.perf_counter() - t0
     if "dataset" not in planner.meta and "config" in planner.meta:
         planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
@@ -67,6 +70,8 @@ def evaluate(
     steps = int(sum(r.length for r in results))
     plans = sum(r.n_plans for r in results)
     out["controller"] = results[0].controller
+    if disturbance is not None and disturbance.active:
+        out["disturbance"] = disturbance.to_dict()
     if inverse_dynamics is not None:
         out["actions"] = f"inverse dynamics ({inverse_dynamics.meta.get('file', 'model')})"
     out["plans"] = plans

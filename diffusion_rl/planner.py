@@ -21,6 +21,7 @@ import torch
 from diffusion_rl.control import Controller, FixedWindow, InverseDynamicsActions
 from diffusion_rl.data import Normalizer
 from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement, check_warm_start, condition
+from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import ValueNet
 from diffusion_rl.runtime import torch_threads
@@ -329,6 +330,7 @@ def rollout(
     controller: Controller | Sequence[Controller] | None = None,
     warm_start: int | None = None,
     inverse_dynamics: InverseDynamicsActions | None = None,
+    disturbance: Disturbance | None = None,
 ) -> list[EpisodeResult]:
     """Run one closed-loop episode per reset seed, all at once; returns their results in seed order.
 
@@ -343,6 +345,7 @@ def rollout(
     steps executed since and noised to level n - 1, and denoises n levels instead of all of them.
     ``inverse_dynamics``: take the action that model names for reaching the plan's next state from the
     real state, instead of the plan's own action (:class:`~diffusion_rl.control.InverseDynamicsActions`).
+    ``disturbance``: pushes or shifted dynamics (:mod:`diffusion_rl.disturbances`), the same on every seed's episode.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -364,7 +367,7 @@ def rollout(
         raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
     if inverse_dynamics is not None:
         inverse_dynamics.check_planner(planner)
-    envs = [make_env(env_id, max_episode_steps=max_steps) for _ in seeds]
+    envs = [make_env(env_id, max_episode_steps=max_steps, disturbance=disturbance) for _ in seeds]
     results = [EpisodeResult(seed=s, window=c.max_window, guidance_scale=g, controller=c.label()) for s, c, g in zip(seeds, controllers, scales)]
     def work(warm: bool) -> tuple[int, int]:
         """Denoiser evaluations and guidance gradients of one plan, fresh or warm-started."""
