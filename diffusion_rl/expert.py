@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from diffusion_rl.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
+from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, make_env
 from diffusion_rl.runtime import StopOnSignal, portable_command, torch_threads
 
@@ -45,6 +47,7 @@ __all__ = [
     "evaluate_policy",
     "export_policy",
     "load_policy",
+    "policy_episodes",
     "shipped_policy_path",
     "train_sac",
 ]
@@ -307,23 +310,33 @@ def evaluate_policy(
     actor: Actor, seeds: tuple[int, ...] | list[int] = EVAL_SEEDS, deterministic: bool = True, env_id: str = ENV_ID
 ) -> np.ndarray:
     """Return of one episode per reset seed, all episodes stepped together in a vector env."""
+    return np.array([e["return"] for e in policy_episodes(actor, seeds, deterministic, env_id)])
+
+
+def policy_episodes(
+    actor: Actor, seeds: Sequence[int], deterministic: bool = True, env_id: str = ENV_ID, disturbance: Disturbance | None = None,
+) -> list[dict]:
+    """One episode per reset seed (return, length, fell), all stepped together, optionally under a disturbance."""
     import gymnasium as gym
 
+    seeds = list(seeds)
     envs = gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id) for _ in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        [lambda: make_env(env_id, disturbance=disturbance) for _ in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
     with torch_threads(1):
         try:
-            obs, _ = envs.reset(seed=list(seeds))
-            returns = np.zeros(len(seeds))
-            alive = np.ones(len(seeds), bool)
+            obs, _ = envs.reset(seed=seeds)
+            returns, lengths = np.zeros(len(seeds)), np.zeros(len(seeds), int)
+            fell, alive = np.zeros(len(seeds), bool), np.ones(len(seeds), bool)
             while alive.any():
                 obs, reward, terminated, truncated, _ = envs.step(actor.act(obs, deterministic=deterministic))
                 returns += reward * alive
+                lengths += alive
+                fell |= terminated & alive
                 alive &= ~(terminated | truncated)
         finally:
             envs.close()
-    return returns
+    return [{"seed": s, "return": float(r), "length": int(n), "fell": bool(f)} for s, r, n, f in zip(seeds, returns, lengths, fell)]
 
 
 # ----------------------------------------------------------------------------- training

@@ -104,3 +104,14 @@ def test_evaluate_records_the_disturbance(capsys):
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["disturbance"] == Disturbance(push_force=50.0, push_duration=2, push_interval=10).to_dict()
+
+
+def test_the_expert_meets_the_same_pushes_and_a_strong_one_topples_it():
+    from diffusion_rl.expert import evaluate_policy, load_policy, policy_episodes
+
+    actor, _ = load_policy()
+    calm = policy_episodes(actor, [10_000, 10_001])
+    assert [e["return"] for e in calm] == list(evaluate_policy(actor, [10_000, 10_001]))
+    assert not any(e["fell"] for e in calm) and all(e["length"] == 1000 for e in calm)
+    shoved = policy_episodes(actor, [10_000, 10_001], disturbance=Disturbance(push_force=800.0))
+    assert all(e["fell"] and e["length"] < 1000 for e in shoved)
