@@ -151,6 +151,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from diffusion_rl.finetune import FinetuneConfig, finetune
+
+    path = finetune(config_from_args(FinetuneConfig, args), args.run_dir, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def cmd_export_finetuned(args: argparse.Namespace) -> int:
+    from diffusion_rl.finetune import export_finetuned
+
+    meta = export_finetuned(args.run, args.name, args.out_dir, command=_command_line())
+    ft = meta["finetune"]
+    print(f"wrote {meta['file']} ({ft['iterations']} iterations, {ft['env_steps']} env steps, {ft['wall_time_s']:.0f} s)")
+    return 0
+
+
 def cmd_export_planner(args: argparse.Namespace) -> int:
     from diffusion_rl.evaluation import export_planner
 
@@ -313,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=20, help="evaluation episodes per setting (default: 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export_planner)
+
+    from diffusion_rl.finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune a shipped planner's last denoising steps with PPO on the reward (DPPO); rerun to resume")
+    p.add_argument("--run-dir", default="runs/finetune", help="checkpoint, snapshots and curve.csv folder; rerun to resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_dataclass_args(p, FinetuneConfig)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("export-finetuned", help="export a finetune run as a shipped planner (safetensors + sidecar)")
+    p.add_argument("--run", default="runs/finetune", help="finetune run folder (default: runs/finetune)")
+    p.add_argument("--name", required=True, help="planner name: writes <name>-diffuser.safetensors")
+    p.add_argument("--out-dir", default=None, help="output folder (default: the package's assets)")
+    p.set_defaults(func=cmd_export_finetuned)
 
     from diffusion_rl.sweep import PRESETS, SweepConfig
 

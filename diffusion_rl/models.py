@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-__all__ = ["InverseDynamics", "TemporalUnet", "UNetConfig", "ValueNet", "check_horizon"]
+__all__ = ["InverseDynamics", "LevelSplit", "TemporalUnet", "UNetConfig", "ValueNet", "check_horizon"]
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,32 @@ class TemporalUnet(nn.Module):
         for level, up, skip in zip(self.levels, self.ups, skips[::-1]):
             h = up(level(torch.cat([h, skip], dim=1), temb))
         return self.final(h).transpose(1, 2)
+
+
+class LevelSplit(nn.Module):
+    """Two denoisers of one shape: ``tuned`` at the noise levels below ``levels``, ``base`` above.
+
+    DPPO (Ren et al. 2024) fine-tunes only the last K denoising steps with reinforcement learning and
+    keeps the pretrained network for the noisier ones; this module is that pair, a drop-in
+    :class:`TemporalUnet` for :class:`~diffusion_rl.diffusion.GaussianDiffusion`.
+    """
+
+    def __init__(self, base: TemporalUnet, tuned: TemporalUnet, levels: int):
+        super().__init__()
+        if base.cfg != tuned.cfg:
+            raise ValueError(f"The two denoisers of a LevelSplit must have one shape, got {base.cfg} and {tuned.cfg}.")
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be a positive integer, got {levels!r}.")
+        self.cfg, self.base, self.tuned, self.levels = base.cfg, base, tuned, levels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The tuned network's output where t < levels, the base network's elsewhere."""
+        low = t < self.levels
+        if bool(low.all()):
+            return self.tuned(x, t)
+        if not bool(low.any()):
+            return self.base(x, t)
+        return torch.where(low[:, None, None], self.tuned(x, t), self.base(x, t))
 
 
 class ValueNet(nn.Module):

@@ -184,6 +184,10 @@ def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet,
     if kind not in CONFIGS:
         raise CheckpointError(f"{path}'s sidecar names kind {kind!r}; expected one of {', '.join(CONFIGS)}.")
     net, _ = build_network(kind, meta["config"], meta["transition_dim"], meta["action_dim"])
+    if kind == "diffuser" and meta.get("finetune"):  # a fine-tuned planner: the pretrained network and its tuned copy
+        from diffusion_rl.models import LevelSplit, TemporalUnet
+
+        net.model = LevelSplit(net.model, TemporalUnet(net.model.cfg), int(meta["finetune"]["levels"]))
     _load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path)
     try:
         normalizer = Normalizer(tensors["normalizer.shift"].numpy(), tensors["normalizer.scale"].numpy(), meta["normalizer_kind"])

@@ -1,0 +1,555 @@
+"""Fine-tune the denoising chain as an MDP: PPO over the last K denoising steps (DPPO, Ren et al. 2024).
+
+The study's Section 5 proposes to treat the generator as a policy and improve it with the
+environment's reward. Each reverse step of the sampler is a Gaussian,
+``p(tau^{t-1} | tau^t, s) = N(mu_theta(tau^t, t, s), sigma_t^2 I)``, so sampling a plan is an inner
+MDP of N steps inside the environment's MDP: its "actions" are the denoised trajectories, and only
+its last step, the clean plan, touches the world, whose first k actions run open loop (an action chunk).
+
+The log-probability of a whole chain is the sum of its steps' Gaussian log-densities, so a policy
+gradient on the environment's return reaches the denoiser through every step. As DPPO:
+
+* only the last K steps (levels K-1 .. 0) are trained, in a copy of the denoiser; the noisier
+  steps keep the pretrained network (:class:`~diffusion_rl.models.LevelSplit`);
+* those steps sample with a standard deviation of at least ``std_floor`` (on normalized units), so
+  the policy keeps exploring and its log-probabilities stay finite (the DDPM posterior variance of
+  the last step is 0);
+* a critic V(s) on the environment state, generalized advantage estimation over executed chunks,
+  and PPO's clipped ratio per denoising step, with the advantage discounted along the chain.
+
+Optionally an anchor term, the KL divergence between each fine-tuned step and the pretrained
+chain's step from the same input, keeps plans near the data. The run reads top to bottom like a
+CleanRL script: :func:`finetune` collects whole episodes from a batch of environments, computes
+advantages, updates, checkpoints atomically and appends to ``curve.csv``; rerun it to resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffusion_rl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, sha256_file
+from diffusion_rl.diffusion import GaussianDiffusion, condition
+from diffusion_rl.envs import ENV_ID, make_env
+from diffusion_rl.models import LevelSplit
+from diffusion_rl.runtime import StopOnSignal, torch_threads
+
+__all__ = ["FinetuneConfig", "RESUME_MAY_CHANGE", "check_config", "export_finetuned", "finetune", "read_curve", "sample_chain"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of a fine-tuning run; each has a default and the reason for it."""
+
+    planner: str = "walker2d-h8"
+    """Shipped planner to start from; its SHA-256 is checked before and on every resume."""
+    window: int = 8
+    """Executed window k: actions of each plan run open loop (8 = the whole plan, the study's worst case)."""
+    finetune_steps: int = 10
+    """K: the last K denoising steps are trained (DPPO trains 10 of 20); the noisier ones stay pretrained."""
+    std_floor: float = 0.1
+    """Smallest standard deviation of a trained step, in normalized units (DPPO: 0.1), so exploration never dies."""
+    n_envs: int = 16
+    """Episodes collected per iteration, stepped together so they share each denoiser call."""
+    iterations: int = 80
+    """PPO iterations (each: n_envs whole episodes, then the update); raise it and rerun to continue a run."""
+    max_episode_steps: int = 1000
+    """Episode length limit, as in every evaluation."""
+    gamma: float = 0.99
+    """Discount per executed chunk (DPPO's Gym setting)."""
+    gae_lambda: float = 0.95
+    """GAE's lambda (DPPO's Gym setting)."""
+    denoising_discount: float = 0.99
+    """The advantage of the step at level t is scaled by this ** t: noisier steps matter less (DPPO)."""
+    clip: float = 0.01
+    """PPO's clipped ratio range per denoising step (DPPO's Gym setting: many small steps, each clipped tightly)."""
+    actor_lr: float = 3e-6
+    """Adam learning rate of the fine-tuned denoiser: small, since a clip of 0.01 on a 167-dimensional step leaves little room (1e-5 clipped 83 in 100 pairs in one update)."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the critic."""
+    update_epochs: int = 4
+    """Passes over each iteration's samples."""
+    minibatch_size: int = 2048
+    """(chunk, denoising step) pairs per actor gradient step."""
+    critic_warmup: int = 2
+    """First iterations that train only the critic, so the first advantages are not noise (DPPO)."""
+    anchor_coef: float = 0.0
+    """Weight of the KL divergence to the pretrained chain's steps (0: none); keeps plans near the data."""
+    reward_scale: float = 0.01
+    """Rewards are multiplied by this for the critic (a chunk of 8 steps earns about 35)."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip of both networks."""
+    critic_hidden: int = 256
+    """Width of the critic's two hidden layers."""
+    seed: int = 0
+    """Seeds the networks' initialization, the sampler noise and the minibatch order."""
+    first_seed: int = 30_000
+    """Reset seed of the first training episode; episode i of iteration j uses first_seed + j * n_envs + i (far from the evaluation seeds 10000-10029 and the tuning seeds 20000-20029)."""
+    snapshot_every: int = 10
+    """Keep the fine-tuned weights of every this many iterations (for the book's slider)."""
+    threads: int = 1
+    """torch threads."""
+    env_id: str = ENV_ID
+    """Gymnasium environment id."""
+
+
+RESUME_MAY_CHANGE = frozenset({"iterations", "threads", "snapshot_every"})
+"""Options that a resumed run may change: they do not alter the iterations already done."""
+
+
+def _positive_finite(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}.")
+
+
+def _int_in(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer in {low}..{high if high is not None else ''}, got {value!r}.")
+
+
+def check_config(cfg: FinetuneConfig, horizon: int | None = None, n_timesteps: int | None = None) -> FinetuneConfig:
+    """Refuse options out of range (NaN included) before anything is loaded or written."""
+    _int_in("--window", cfg.window, 1, horizon)
+    _int_in("--finetune-steps (K)", cfg.finetune_steps, 1, n_timesteps)
+    for name in ("std_floor", "clip", "actor_lr", "critic_lr", "reward_scale", "max_grad_norm"):
+        _positive_finite("--" + name.replace("_", "-"), getattr(cfg, name))
+    _positive_finite("--anchor-coef", cfg.anchor_coef, allow_zero=True)
+    for name in ("gamma", "gae_lambda", "denoising_discount"):
+        value = getattr(cfg, name)
+        _positive_finite("--" + name.replace("_", "-"), value, allow_zero=True)
+        if value > 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}.")
+    for name, low in (("n_envs", 1), ("iterations", 0), ("max_episode_steps", 1), ("update_epochs", 1), ("minibatch_size", 1),
+                      ("critic_warmup", 0), ("critic_hidden", 1), ("snapshot_every", 1), ("threads", 1), ("seed", 0), ("first_seed", 0)):
+        _int_in("--" + name.replace("_", "-"), getattr(cfg, name), low)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the policy: a chain of Gaussians
+
+
+class _Base(NamedTuple):
+    diffusion: GaussianDiffusion
+    normalizer: object
+    meta: dict
+    path: Path
+    sha256: str
+
+
+def _load_base(name: str) -> _Base:
+    """The pretrained denoiser, SHA-256 checked, frozen."""
+    from diffusion_rl.pretrained import asset_path, load_network
+
+    path = asset_path(name, "diffuser")
+    diffusion, normalizer, meta = load_network(path)
+    if meta.get("finetune"):
+        raise ValueError(f"{name} is itself a fine-tuned planner; start from the planner it was tuned from ({meta['finetuned_from']['name']}).")
+    return _Base(diffusion.eval().requires_grad_(False), normalizer, meta, path, meta["sha256"])
+
+
+def _policy(base: _Base, levels: int) -> GaussianDiffusion:
+    """A copy of the base denoiser whose last ``levels`` steps use a trainable copy of its network."""
+    from diffusion_rl.training import build_network
+
+    policy, _ = build_network("diffuser", base.meta["config"], base.meta["transition_dim"], base.meta["action_dim"])
+    tuned = copy.deepcopy(base.diffusion.model).requires_grad_(True).train()
+    policy.model = LevelSplit(base.diffusion.model, tuned, levels)
+    return policy
+
+
+def step_std(diffusion: GaussianDiffusion, level: int, std_floor: float) -> float:
+    """Standard deviation of the trained reverse step from ``level``: the DDPM posterior's, at least ``std_floor``."""
+    return max(math.sqrt(float(diffusion.schedule.posterior_variance[level])), std_floor)
+
+
+@torch.no_grad()
+def sample_chain(policy: GaussianDiffusion, cond: torch.Tensor, levels: int, std_floor: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample plans from states ``cond`` (B, obs_dim, normalized) and keep the trained steps.
+
+    Returns the clean plans (B, H, D) and, for the last ``levels`` steps (levels - 1 down to 0), each
+    step's input and output, both (B, levels, H, D). Steps above ``levels`` sample as the pretrained DDPM.
+    """
+    B, H, D = len(cond), policy.horizon, policy.transition_dim
+    x = condition(torch.randn(B, H, D, generator=generator), cond, policy.action_dim)
+    inputs, outputs = [], []
+    for level in range(policy.n_timesteps - 1, -1, -1):
+        t = torch.full((B,), level, dtype=torch.long)
+        mean, log_var = policy.p_mean_log_variance(x, t)
+        z = torch.randn(B, H, D, generator=generator)
+        if level < levels:
+            x_next = condition(mean + step_std(policy, level, std_floor) * z, cond, policy.action_dim)
+            inputs.append(x)
+            outputs.append(x_next)
+        else:
+            x_next = condition(mean + (level > 0) * torch.exp(0.5 * log_var) * z, cond, policy.action_dim)
+        x = x_next
+    return x, torch.stack(inputs, 1), torch.stack(outputs, 1)
+
+
+def _free_mask(policy: GaussianDiffusion) -> torch.Tensor:
+    """1 where the plan is sampled, 0 on the conditioned first state (written, never drawn)."""
+    mask = torch.ones(policy.horizon, policy.transition_dim)
+    mask[0, policy.action_dim:] = 0
+    return mask
+
+
+def step_log_prob(policy: GaussianDiffusion, x_in: torch.Tensor, x_out: torch.Tensor, level: torch.Tensor, std: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x_out | x_in) of one reverse step per row, up to a constant that cancels in ratios; and the step's mean."""
+    mean, _ = policy.p_mean_log_variance(x_in, level)
+    return (-(x_out - mean).pow(2) / (2 * std[:, None, None] ** 2) * mask).sum((1, 2)), mean
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+class Batch(NamedTuple):
+    """One iteration's chunks: a row per executed plan."""
+
+    obs: torch.Tensor  # (N, obs_dim) normalized state the plan started from
+    x_in: torch.Tensor  # (N, K, H, D) input of each trained step
+    x_out: torch.Tensor  # (N, K, H, D) its sampled output
+    rewards: np.ndarray  # (N,) reward of the chunk, summed over its executed steps
+    episode: np.ndarray  # (N,) which episode the chunk belongs to
+    last_obs: torch.Tensor  # (E, obs_dim) normalized state after each episode's last chunk
+    fell: np.ndarray  # (E,) the episode ended by a fall (terminal: nothing to bootstrap)
+    returns: np.ndarray  # (E,) each episode's undiscounted return
+    lengths: np.ndarray  # (E,)
+
+
+def collect(policy: GaussianDiffusion, obs_normalizer, action_unnormalize, seeds: list[int], cfg: FinetuneConfig,
+            generator: torch.Generator) -> Batch:
+    """Run one whole episode per seed, all at once, executing k planned actions per plan."""
+    envs = [make_env(cfg.env_id, max_episode_steps=cfg.max_episode_steps) for _ in seeds]
+    obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
+    rows: list[tuple] = []
+    E = len(seeds)
+    fell, returns, lengths = np.zeros(E, bool), np.zeros(E), np.zeros(E, int)
+    last_obs = np.zeros_like(obs)
+    live = list(range(E))
+    try:
+        while live:
+            cond = obs_normalizer.normalize(torch.from_numpy(obs[live]))
+            plans, x_in, x_out = sample_chain(policy, cond, cfg.finetune_steps, cfg.std_floor, generator)
+            actions = action_unnormalize(plans[:, : cfg.window])
+            still = []
+            for j, i in enumerate(live):
+                reward, done = 0.0, False
+                for a in actions[j]:
+                    o, r, terminated, truncated, _ = envs[i].step(np.clip(a, -1.0, 1.0))
+                    finite = bool(np.all(np.isfinite(o))) and math.isfinite(r)
+                    reward += float(r) if finite else 0.0
+                    lengths[i] += 1
+                    if not finite or terminated:
+                        fell[i], done = True, True
+                        break
+                    obs[i] = o
+                    if truncated:
+                        done = True
+                        break
+                rows.append((cond[j], x_in[j], x_out[j], reward, i))
+                returns[i] += reward
+                if done:
+                    last_obs[i] = obs[i]
+                else:
+                    still.append(i)
+            live = still
+    finally:
+        for env in envs:
+            env.close()
+    return Batch(
+        torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows]),
+        np.array([r[3] for r in rows]), np.array([r[4] for r in rows]),
+        obs_normalizer.normalize(torch.from_numpy(last_obs)), fell, returns, lengths,
+    )
+
+
+def gae(values: np.ndarray, last_values: np.ndarray, batch: Batch, cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages and value targets per chunk: GAE over each episode's chunks (a fall ends it, a time limit bootstraps)."""
+    rewards = batch.rewards * cfg.reward_scale
+    adv = np.zeros(len(rewards))
+    for e in range(len(batch.returns)):
+        idx = np.flatnonzero(batch.episode == e)
+        running = 0.0
+        for n, j in enumerate(idx[::-1]):
+            if n == 0:
+                next_value = 0.0 if batch.fell[e] else float(last_values[e])
+            else:
+                next_value = float(values[idx[len(idx) - n]])
+            delta = rewards[j] + cfg.gamma * next_value - values[j]
+            running = delta + cfg.gamma * cfg.gae_lambda * running
+            adv[j] = running
+    return adv, adv + values
+
+
+def make_critic(obs_dim: int, hidden: int) -> nn.Sequential:
+    """V(s): an MLP on the normalized environment state."""
+    return nn.Sequential(nn.Linear(obs_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+CURVE_COLUMNS = ("iteration", "env_steps", "wall_time_s", "episodes", "mean_return", "mean_normalized", "fall_rate",
+                 "mean_length", "approx_kl", "clip_fraction", "value_loss", "anchor_kl")
+
+
+def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Fine-tune (or resume) in ``run_dir``; returns the checkpoint path.
+
+    ``checkpoint.pt`` is written atomically after every iteration, ``curve.csv`` with it; a run
+    killed at any moment and rerun with the same options ends bit-identical to an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    base = _load_base(cfg.planner)
+    check_config(cfg, base.diffusion.horizon, base.diffusion.n_timesteps)
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    saved = load_checkpoint(ckpt_path, kind="finetune") if ckpt_path.exists() else None
+    if saved is not None:
+        _check_resume(saved, cfg, base, ckpt_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    K = cfg.finetune_steps
+    policy = _policy(base, K)
+    tuned = policy.model.tuned
+    obs_dim = base.diffusion.transition_dim - base.diffusion.action_dim
+    critic = make_critic(obs_dim, cfg.critic_hidden)
+    actor_opt = torch.optim.Adam(tuned.parameters(), lr=cfg.actor_lr)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
+    sampler_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    order_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    iteration, env_steps, wall, curve = 0, 0, 0.0, []
+    if saved is not None:
+        tuned.load_state_dict(saved["tuned"])
+        critic.load_state_dict(saved["critic"])
+        actor_opt.load_state_dict(saved["actor_opt"])
+        critic_opt.load_state_dict(saved["critic_opt"])
+        sampler_gen.set_state(saved["sampler_rng"])
+        order_gen.set_state(saved["order_rng"])
+        iteration, env_steps, wall = int(saved["iteration"]), int(saved["env_steps"]), float(saved["wall_time"])
+        curve = json.loads(saved["curve"])
+
+    from diffusion_rl.planner import Planner
+
+    helper = Planner(base.diffusion, base.normalizer)  # its normalizers, for states in and actions out
+    mask = _free_mask(policy)
+    data_return = base.meta["dataset"]["mean_return"]
+    std = torch.tensor([step_std(policy, level, cfg.std_floor) for level in range(K)])
+
+    def unnormalize_actions(plans: torch.Tensor) -> np.ndarray:
+        return helper.normalizer.unnormalize(plans.double()).float().numpy()[..., : helper.action_dim]
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "kind": "finetune", "config": asdict(cfg), "base_sha256": base.sha256, "levels": K,
+            "tuned": tuned.state_dict(), "critic": critic.state_dict(),
+            "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
+            "sampler_rng": sampler_gen.get_state(), "order_rng": order_gen.get_state(),
+            "iteration": iteration, "env_steps": env_steps, "wall_time": wall, "curve": json.dumps(curve),
+        })
+        write_curve(run_dir / "curve.csv", curve)
+
+    stop = StopOnSignal()
+    bar = tqdm(total=cfg.iterations, initial=min(iteration, cfg.iterations), disable=not progress, desc="DPPO", unit="it", mininterval=1.0)
+    t0 = time.perf_counter() - wall
+    try:
+        with torch_threads(cfg.threads):
+            while iteration < cfg.iterations and not stop.requested:
+                seeds = [cfg.first_seed + iteration * cfg.n_envs + i for i in range(cfg.n_envs)]
+                tuned.eval()
+                batch = collect(policy, helper.obs_normalizer, unnormalize_actions, seeds, cfg, sampler_gen)
+                stats = _update(policy, base.diffusion, critic, actor_opt, critic_opt, batch, std, mask, cfg, order_gen,
+                                train_actor=iteration >= cfg.critic_warmup, iteration=iteration)
+                iteration += 1
+                env_steps += int(batch.lengths.sum())
+                wall = time.perf_counter() - t0
+                curve.append({
+                    "iteration": iteration, "env_steps": env_steps, "wall_time_s": round(wall, 1), "episodes": len(seeds),
+                    "mean_return": round(float(batch.returns.mean()), 2), "mean_normalized": round(100 * float(batch.returns.mean()) / data_return, 2),
+                    "fall_rate": round(float(batch.fell.mean()), 4), "mean_length": round(float(batch.lengths.mean()), 1), **stats,
+                })
+                checkpoint()
+                if iteration % cfg.snapshot_every == 0:
+                    _write_snapshot(run_dir / "snapshots" / f"iter-{iteration:04d}.safetensors", tuned)
+                bar.update(1)
+                bar.set_postfix(ret=f"{curve[-1]['mean_normalized']:.0f}%", falls=f"{curve[-1]['fall_rate']:.2f}")
+            if stop.requested:
+                bar.write(f"stopped by signal after iteration {iteration}; checkpoint written, rerun to resume")
+    finally:
+        stop.restore()
+        bar.close()
+    if saved is None and iteration == 0:
+        checkpoint()
+    return ckpt_path
+
+
+def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.Module, actor_opt, critic_opt, batch: Batch,
+            std: torch.Tensor, mask: torch.Tensor, cfg: FinetuneConfig, order_gen: torch.Generator, train_actor: bool,
+            iteration: int) -> dict:
+    """PPO on one iteration's chunks: the clipped objective per (chunk, trained denoising step), then the critic."""
+    from diffusion_rl.training import TrainingError
+
+    K = cfg.finetune_steps
+    N = len(batch.rewards)
+    with torch.no_grad():
+        values = critic(batch.obs).squeeze(-1).numpy()
+        last_values = critic(batch.last_obs).squeeze(-1).numpy()
+    adv, targets = gae(values, last_values, batch, cfg)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    adv_t, targets_t = torch.as_tensor(adv, dtype=torch.float32), torch.as_tensor(targets, dtype=torch.float32)
+
+    # Pairs (chunk n, trained step s); step s runs from level K-1-s.
+    x_in, x_out = batch.x_in.flatten(0, 1), batch.x_out.flatten(0, 1)
+    levels = (K - 1 - torch.arange(K)).repeat(N)
+    pair_adv = adv_t.repeat_interleave(K) * cfg.denoising_discount ** levels.float()
+    pair_std = std[levels]
+    tuned = policy.model.tuned
+    stats = {"approx_kl": 0.0, "clip_fraction": 0.0, "value_loss": 0.0, "anchor_kl": 0.0}
+    if train_actor:
+        with torch.no_grad():
+            old = torch.cat([step_log_prob(policy, x_in[i], x_out[i], levels[i], pair_std[i], mask)[0]
+                             for i in torch.arange(len(levels)).split(cfg.minibatch_size)])
+        tuned.train()
+        kls, clips, anchors = [], [], []
+        for _ in range(cfg.update_epochs):
+            for idx in torch.randperm(len(levels), generator=order_gen).split(cfg.minibatch_size):
+                logp, mean = step_log_prob(policy, x_in[idx], x_out[idx], levels[idx], pair_std[idx], mask)
+                log_ratio = logp - old[idx]
+                ratio = log_ratio.exp()
+                a = pair_adv[idx]
+                loss = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip)).mean()
+                if cfg.anchor_coef > 0:
+                    with torch.no_grad():
+                        ref_mean, _ = reference.p_mean_log_variance(x_in[idx], levels[idx])
+                    anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * mask).sum((1, 2)).mean()
+                    loss = loss + cfg.anchor_coef * anchor
+                    anchors.append(float(anchor))
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"The actor loss became {float(loss)} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
+                                        "Lower --actor-lr or raise --std-floor, then rerun.")
+                actor_opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(tuned.parameters(), cfg.max_grad_norm)
+                actor_opt.step()
+                with torch.no_grad():
+                    kls.append(float(((ratio - 1) - log_ratio).mean()))
+                    clips.append(float(((ratio - 1).abs() > cfg.clip).float().mean()))
+        tuned.eval()
+        stats.update(approx_kl=round(float(np.mean(kls)), 6), clip_fraction=round(float(np.mean(clips)), 4),
+                     anchor_kl=round(float(np.mean(anchors)), 4) if anchors else 0.0)
+    value_losses = []
+    for _ in range(cfg.update_epochs):
+        for idx in torch.randperm(N, generator=order_gen).split(max(1, cfg.minibatch_size // K)):
+            loss = 0.5 * (critic(batch.obs[idx]).squeeze(-1) - targets_t[idx]).pow(2).mean()
+            if not torch.isfinite(loss):
+                raise TrainingError(f"The critic loss became {float(loss)} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
+                                    "Lower --critic-lr or --reward-scale, then rerun.")
+            critic_opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            critic_opt.step()
+            value_losses.append(float(loss.detach()))
+    stats["value_loss"] = round(float(np.mean(value_losses)), 5)
+    return stats
+
+
+def _check_resume(saved: dict, cfg: FinetuneConfig, base: _Base, path: Path) -> None:
+    """Refuse to resume with options or a base planner that would break exact resume."""
+    old = saved["config"]
+    changed = [f.name for f in fields(cfg) if f.name not in RESUME_MAY_CHANGE and old.get(f.name) != getattr(cfg, f.name)]
+    if changed:
+        what = "; ".join(f"--{n.replace('_', '-')} was {old.get(n)!r}, now {getattr(cfg, n)!r}" for n in changed)
+        raise CheckpointError(f"{path} was written with other options ({what}): rerun with the same options, or use another --run-dir.")
+    if saved["base_sha256"] != base.sha256:
+        raise CheckpointError(f"{path} was fine-tuned from a base planner with SHA-256 {saved['base_sha256'][:12]}..., but {base.path.name} "
+                              f"is now {base.sha256[:12]}...: use the same base, or another --run-dir.")
+
+
+def _write_snapshot(path: Path, tuned: nn.Module) -> None:
+    from safetensors.torch import save as st_save
+
+    atomic_write_bytes(path, st_save({k: v.contiguous() for k, v in tuned.state_dict().items()}))
+
+
+def write_curve(path: Path, curve: list[dict]) -> None:
+    """The learning curve as CSV, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(curve)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_curve(run_dir: str | os.PathLike) -> list[dict]:
+    """A run's ``curve.csv`` as a list of dicts of numbers."""
+    with open(Path(run_dir) / "curve.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.PathLike | None = None, command: str = "") -> dict:
+    """Write a run's fine-tuned planner as ``<name>-diffuser.safetensors`` + sidecar (base and tuned networks)."""
+    from safetensors.torch import save as st_save
+
+    from diffusion_rl.pretrained import ASSETS
+
+    ckpt_path = Path(run_dir) / "checkpoint.pt"
+    state = load_checkpoint(ckpt_path, kind="finetune")
+    cfg = FinetuneConfig(**state["config"])
+    base = _load_base(cfg.planner)
+    if state["base_sha256"] != base.sha256:
+        raise CheckpointError(f"{ckpt_path} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
+    policy = _policy(base, int(state["levels"]))
+    policy.model.tuned.load_state_dict(state["tuned"])
+    tensors = {f"net.{k}": v.contiguous() for k, v in policy.state_dict().items()}
+    tensors["normalizer.shift"] = torch.as_tensor(base.normalizer.shift).contiguous()
+    tensors["normalizer.scale"] = torch.as_tensor(base.normalizer.scale).contiguous()
+    out = Path(out_dir) if out_dir is not None else ASSETS
+    path = out / f"{name}-diffuser.safetensors"
+    atomic_write_bytes(path, st_save(tensors))
+    curve = json.loads(state["curve"])
+    keep = ("file", "kind", "config", "dataset", "dataset_id", "action_dim", "transition_dim", "normalizer_kind")
+    meta = {
+        **{k: base.meta[k] for k in keep if k in base.meta},
+        "file": path.name,
+        "finetuned_from": {"name": cfg.planner, "file": base.path.name, "sha256": base.sha256},
+        "finetune": {
+            "method": "DPPO: PPO over the last K denoising steps", "levels": int(state["levels"]), "config": state["config"],
+            "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
+            "command": command or finetune_command(cfg), "learning_curve": curve,
+        },
+        "seed": cfg.seed,
+        "steps": int(state["iteration"]),
+        "wall_time_s": round(float(state["wall_time"]), 1),
+        "final_training_return": curve[-1] if curve else None,
+        "sha256": sha256_file(path),
+    }
+    atomic_write_json(path.with_suffix(".json"), meta)
+    return meta
+
+
+def finetune_command(cfg: FinetuneConfig, run_dir: str = "runs/finetune") -> str:
+    """The command line that reproduces a run (options that differ from the defaults)."""
+    default = FinetuneConfig()
+    opts = " ".join(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in fields(cfg)
+                    if getattr(cfg, f.name) != getattr(default, f.name) and f.name != "threads")
+    return f"python -m diffusion_rl finetune --run-dir {run_dir} {opts}".strip()
