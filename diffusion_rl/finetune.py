@@ -282,7 +282,7 @@ def gae(values: np.ndarray, last_values: np.ndarray, batch: Batch, cfg: Finetune
     """Advantages and value targets per chunk: GAE over each episode's chunks (a fall ends it, a time limit bootstraps)."""
     rewards = batch.rewards * cfg.reward_scale
     adv = np.zeros(len(rewards))
-    for e in range(len(batch.returns)):
+    for e in range(len(batch.fell)):
         idx = np.flatnonzero(batch.episode == e)
         running = 0.0
         for n, j in enumerate(idx[::-1]):
@@ -440,9 +440,9 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
                         ref_mean, _ = reference.p_mean_log_variance(x_in[idx], levels[idx])
                     anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * mask).sum((1, 2)).mean()
                     loss = loss + cfg.anchor_coef * anchor
-                    anchors.append(float(anchor))
+                    anchors.append(float(anchor.detach()))
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"The actor loss became {float(loss)} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
+                    raise TrainingError(f"The actor loss became {float(loss.detach())} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
                                         "Lower --actor-lr or raise --std-floor, then rerun.")
                 actor_opt.zero_grad()
                 loss.backward()
@@ -459,7 +459,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
         for idx in torch.randperm(N, generator=order_gen).split(max(1, cfg.minibatch_size // K)):
             loss = 0.5 * (critic(batch.obs[idx]).squeeze(-1) - targets_t[idx]).pow(2).mean()
             if not torch.isfinite(loss):
-                raise TrainingError(f"The critic loss became {float(loss)} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
+                raise TrainingError(f"The critic loss became {float(loss.detach())} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
                                     "Lower --critic-lr or --reward-scale, then rerun.")
             critic_opt.zero_grad()
             loss.backward()

@@ -1,0 +1,196 @@
+"""Fine-tuning the denoising chain with PPO (DPPO): the chain's log-probabilities, GAE, exact resume
+after a SIGKILL, refusal of bad options and changed resumes, and the exported planner."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import kill_at_first_checkpoint
+
+from diffusion_rl import finetune as ft
+from diffusion_rl import pretrained
+from diffusion_rl.checkpoint import CheckpointError, load_checkpoint
+from diffusion_rl.cli import main
+from diffusion_rl.models import LevelSplit, TemporalUnet, UNetConfig
+
+TINY = ft.FinetuneConfig(window=4, finetune_steps=2, n_envs=2, iterations=3, max_episode_steps=16, update_epochs=1,
+                         minibatch_size=8, critic_warmup=1, critic_hidden=16, snapshot_every=2, actor_lr=1e-4)
+CLI_ARGS = ["--window", "4", "--finetune-steps", "2", "--n-envs", "2", "--iterations", "3", "--max-episode-steps", "16",
+            "--update-epochs", "1", "--minibatch-size", "8", "--critic-warmup", "1", "--critic-hidden", "16",
+            "--snapshot-every", "2", "--actor-lr", "0.0001", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dppo")
+    ft.finetune(TINY, out, progress=False)
+    return out
+
+
+def test_a_run_writes_its_curve_snapshots_and_moves_the_tuned_steps_only(run):
+    curve = ft.read_curve(run)
+    assert [r["iteration"] for r in curve] == [1, 2, 3]
+    assert all(r["env_steps"] > 0 and 0 <= r["fall_rate"] <= 1 for r in curve)
+    assert curve[0]["approx_kl"] == 0 and curve[1]["approx_kl"] != 0, "the first iteration trains only the critic"
+    assert (run / "snapshots" / "iter-0002.safetensors").exists()
+    state = load_checkpoint(run / "checkpoint.pt", kind="finetune")
+    base = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0].model.state_dict()
+    assert any(not torch.equal(state["tuned"][k], base[k]) for k in base), "the actor update changed the tuned copy"
+
+
+def test_sigkill_then_rerun_ends_bit_identical(run, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "diffusion_rl", "finetune", "--run-dir", str(out), *CLI_ARGS]
+    kill_at_first_checkpoint(args, out / "checkpoint.pt")
+    assert 0 < load_checkpoint(out / "checkpoint.pt")["iteration"] < TINY.iterations, "the kill should land mid-run"
+    subprocess.run(args, check=True, capture_output=True)
+    a, b = load_checkpoint(out / "checkpoint.pt"), load_checkpoint(run / "checkpoint.pt")
+    for part in ("tuned", "critic"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in ft.read_curve(out)]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"} for r in ft.read_curve(run)]
+
+
+def test_resuming_with_changed_options_names_both_values(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (copy / "checkpoint.pt").read_bytes()
+    args = ["finetune", "--run-dir", str(copy), *CLI_ARGS]
+    changed = [*args[:args.index("--actor-lr")], "--actor-lr", "0.0002", "--no-progress"]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "--actor-lr was 0.0001, now 0.0002" in err and len(err.strip().splitlines()) == 1
+    assert (copy / "checkpoint.pt").read_bytes() == before
+    # iterations may grow: the run continues where it stopped
+    more = [*args[:args.index("--iterations")], "--iterations", "4", *args[args.index("--iterations") + 2:]]
+    assert main(more) == 0
+    assert [r["iteration"] for r in ft.read_curve(copy)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--finetune-steps", "0", "--finetune-steps (K) must be an integer in 1..20"),
+    ("--finetune-steps", "21", "1..20"),
+    ("--window", "9", "--window must be an integer in 1..8"),
+    ("--window", "0", "1..8"),
+    ("--clip", "nan", "--clip must be a finite number > 0"),
+    ("--clip", "-0.1", "--clip must be"),
+    ("--actor-lr", "nan", "--actor-lr must be"),
+    ("--critic-lr", "-1", "--critic-lr must be"),
+    ("--std-floor", "-0.1", "--std-floor must be"),
+    ("--std-floor", "nan", "--std-floor must be"),
+    ("--gamma", "1.5", "--gamma must be in [0, 1]"),
+    ("--anchor-coef", "nan", "--anchor-coef must be"),
+])
+def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, says):
+    out = tmp_path / "run"
+    assert main(["finetune", "--run-dir", str(out), option, value, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_base_planner_that_fails_its_sha256_is_refused(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    assets = tmp_path / "assets"
+    shutil.copytree(pretrained.ASSETS, assets, ignore=shutil.ignore_patterns("*_study", "window_sweep"))
+    data = bytearray((assets / "walker2d-h8-diffuser.safetensors").read_bytes())
+    data[-1] ^= 1
+    (assets / "walker2d-h8-diffuser.safetensors").write_bytes(bytes(data))
+    monkeypatch.setattr(pretrained, "ASSETS", assets)
+    out = tmp_path / "run"
+    assert main(["finetune", "--run-dir", str(out), *CLI_ARGS]) == 2
+    assert "does not match the SHA-256" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_step_log_prob_is_the_gaussian_density_up_to_a_constant():
+    diffusion = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    g = torch.Generator().manual_seed(0)
+    x_in, x_out = torch.randn(5, 8, 23, generator=g), torch.randn(5, 8, 23, generator=g)
+    level, std = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    mask = ft._free_mask(diffusion)
+    logp, mean = ft.step_log_prob(diffusion, x_in, x_out, level, std, mask)
+    exact = torch.distributions.Normal(mean, std[:, None, None]).log_prob(x_out)
+    constant = (mask * (torch.log(std[:, None, None]) + 0.5 * math.log(2 * math.pi))).sum((1, 2))
+    torch.testing.assert_close(logp - constant, (exact * mask).sum((1, 2)))
+    assert mask[0, 6:].sum() == 0 and mask.sum() == 8 * 23 - 17, "the conditioned first state is written, not drawn"
+
+
+def test_the_trained_steps_have_a_floor_and_the_last_step_gets_noise():
+    diffusion = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    assert ft.step_std(diffusion, 0, 0.1) == 0.1, "the DDPM posterior variance of the last step is 0"
+    assert ft.step_std(diffusion, 19, 0.1) > 0.1
+    cond = torch.zeros(3, 17)
+    x0, x_in, x_out = ft.sample_chain(diffusion, cond, 4, 0.1, torch.Generator().manual_seed(0))
+    assert x_in.shape == x_out.shape == (3, 4, 8, 23) and torch.equal(x_out[:, -1], x0)
+    assert torch.equal(x_in[:, 1:], x_out[:, :-1]), "each trained step starts where the previous one ended"
+    assert torch.all(x0[:, 0, 6:] == 0), "every step keeps the real state in the first row"
+
+
+def test_level_split_routes_each_row_by_its_level():
+    cfg = UNetConfig(transition_dim=5, dim=8)
+    torch.manual_seed(0)
+    base, tuned = TemporalUnet(cfg), TemporalUnet(cfg)
+    split = LevelSplit(base, tuned, 3)
+    x, t = torch.randn(4, 8, 5), torch.tensor([0, 2, 3, 7])
+    out = split(x, t)
+    torch.testing.assert_close(out[:2], tuned(x[:2], t[:2]))
+    torch.testing.assert_close(out[2:], base(x[2:], t[2:]))
+    with pytest.raises(ValueError, match="one shape"):
+        LevelSplit(base, TemporalUnet(UNetConfig(transition_dim=6, dim=8)), 3)
+
+
+def test_gae_ends_at_a_fall_and_bootstraps_at_a_time_limit():
+    cfg = replace(ft.FinetuneConfig(), gamma=0.5, gae_lambda=1.0, reward_scale=1.0)
+    # Episode 0: two chunks then a fall; episode 1: one chunk, cut by the time limit.
+    batch = ft.Batch(None, None, None, np.array([1.0, 2.0, 4.0]), np.array([0, 0, 1]), None,
+                     np.array([True, False]), None, None)
+    values, last = np.array([0.5, 0.25, 1.0]), np.array([100.0, 8.0])
+    adv, targets = ft.gae(values, last, batch, cfg)
+    # lambda = 1: targets are discounted returns; a fall adds nothing, the time limit adds gamma * V(last state).
+    np.testing.assert_allclose(targets, [1 + 0.5 * 2, 2, 4 + 0.5 * 8])
+    np.testing.assert_allclose(adv, targets - values)
+
+
+def test_the_exported_planner_loads_and_before_any_update_plans_like_its_base(tmp_path):
+    run = tmp_path / "warmup"
+    ft.finetune(replace(TINY, iterations=1), run, progress=False)  # critic warm-up only: the tuned copy is the base
+    meta = ft.export_finetuned(run, "tiny-dppo", tmp_path)
+    assert meta["finetuned_from"]["name"] == "walker2d-h8"
+    assert meta["finetuned_from"]["sha256"] == json.loads(pretrained.asset_path("walker2d-h8").with_suffix(".json").read_text())["sha256"]
+    assert meta["finetune"]["env_steps"] > 0 and meta["finetune"]["wall_time_s"] > 0 and meta["finetune"]["levels"] == 2
+    tuned, normalizer, _ = pretrained.load_network(tmp_path / "tiny-dppo-diffuser.safetensors")
+    base = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    assert isinstance(tuned.model, LevelSplit)
+    from diffusion_rl.planner import Planner
+
+    obs = np.zeros((2, 17), np.float32)
+    a = Planner(tuned, normalizer).plan(obs, seed=3).actions
+    b = Planner(base, normalizer).plan(obs, seed=3).actions
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="itself a fine-tuned planner"):
+        monkey = dict(pretrained.PRETRAINED, **{"tiny-dppo": {"diffuser": str(tmp_path / "tiny-dppo-diffuser.safetensors")}})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pretrained, "PRETRAINED", monkey)
+            ft._load_base("tiny-dppo")
+
+
+def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path, monkeypatch):
+    from diffusion_rl.training import TrainingError
+
+    real = ft.step_log_prob
+    monkeypatch.setattr(ft, "step_log_prob", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    run = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="actor loss became nan in iteration 2; the checkpoint keeps iteration 1"):
+        ft.finetune(replace(TINY, iterations=2), run, progress=False)
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 1
