@@ -13,6 +13,12 @@ writes, into one folder:
   each result file. Nothing in these three files depends on the clock or the machine, so the same
   command rebuilds them byte for byte.
 
+An arm may run under a :class:`~diffusion_rl.disturbances.Disturbance` (pushes, shifted dynamics),
+with another planner than the run's own (``planners``), or be the SAC expert itself (``agent="expert"``,
+its deterministic actor through :func:`diffusion_rl.expert.policy_episodes`), so one study compares
+every agent on the same seeds and the same pushes. Such studies get ``agent`` and the disturbance's
+columns in ``episodes.csv``; studies without them keep their original columns, byte for byte.
+
 Each arm's rows are kept (``.rows/<arm>.json``, written atomically) as soon as the arm finishes,
 so a study killed mid-way resumes from its last finished arm.
 """
@@ -22,8 +28,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +37,22 @@ import numpy as np
 from diffusion_rl.analysis import bootstrap_ci, paired_difference, plan_drift, wilson_ci
 from diffusion_rl.checkpoint import atomic_write_json, atomic_write_text, sha256_file
 from diffusion_rl.control import Controller, controller_from_name
+from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.planner import EpisodeResult, Planner, rollout
 
-__all__ = ["Arm", "Comparison", "load_rows", "mean_ci", "references", "run_experiment", "scores", "shipped_planner"]
+__all__ = ["EXPERT", "Arm", "Comparison", "expert_episodes", "load_rows", "mean_ci", "references", "run_experiment", "scores",
+           "shipped_planner"]
 
 D4RL_WALKER2D = {"random": 1.629008, "expert": 4592.3}
 """D4RL's walker2d reference returns (d4rl/infos.py), for scores comparable with published tables."""
 
 COLUMNS = ("setting", "controller", "window", "guidance_scale", "seed", "return", "normalized", "fell", "diverged", "env_steps",
            "plans", "denoiser_evals", "window_end_drift", "clipped_action_share")
+DISTURBANCE_COLUMNS = tuple(f.name for f in fields(Disturbance))
+"""Added (with ``agent``) to the rows of studies whose arms name an agent or a disturbance."""
+
+EXPERT = "expert"
+"""The ``agent`` that is the shipped SAC expert (deterministic) instead of a planner."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,17 @@ class Arm:
     """Re-noise the previous plan to this many levels instead of sampling from pure noise."""
     inverse_dynamics: str | None = None
     """Take actions from this shipped inverse-dynamics model (toward the plan's next state) instead of the plan's."""
+    agent: str | None = None
+    """The ``agent`` column: ``expert`` is the SAC expert (none of the planner's options apply); any other name labels a planner."""
+    planner: str | None = None
+    """Which of ``run_experiment``'s ``planners`` acts; None is the run's own planner."""
+    disturbance: Disturbance | None = None
+    """Pushes or shifted dynamics that every episode of this arm meets (seeded by the episode's seed); None: none."""
+
+    @property
+    def is_expert(self) -> bool:
+        """Whether the SAC expert acts instead of a planner."""
+        return self.agent == EXPERT
 
     def make_controller(self) -> Controller:
         """A fresh controller for one episode."""
@@ -73,7 +97,7 @@ class Arm:
 
     def batch_key(self) -> tuple:
         """Arms with equal keys share one batched rollout."""
-        return (self.ddim_steps, self.warm_start, self.planner_options, self.inverse_dynamics)
+        return (self.ddim_steps, self.warm_start, self.planner_options, self.inverse_dynamics, self.planner, self.disturbance)
 
 
 @dataclass(frozen=True)
@@ -158,24 +182,45 @@ def run_experiment(
     max_steps: int = 1000,
     progress: bool = True,
     notes: dict | None = None,
+    planners: Mapping[str, tuple[Planner, dict]] | None = None,
 ) -> dict:
     """Run every arm on every seed into ``out_dir`` (resuming finished arms) and write the result files; returns the summary.
 
     ``notes``: what the study decided before this run (for example a setting chosen on tuning seeds), kept in the summary.
+    ``planners``: further planners by name, each with its identity, for arms that name one (``Arm.planner``);
+    every row is normalized by ``planner``'s references, so all agents share one scale.
     """
     arms, seeds = list(arms), [int(s) for s in seeds]
+    planners = dict(planners or {})
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"Arm names must be unique, got {names}.")
     for c in comparisons:
         if c.baseline not in names or c.treatment not in names:
             raise ValueError(f"Comparison {c} names an arm that the study does not have ({names}).")
-    variants = {a.batch_key(): planner.with_options(**dict(a.planner_options)) for a in arms}  # validates options first
+    _check_experts(arms)
     for a in arms:
-        a.make_controller().bind(planner.horizon, planner.obs_normalizer.scale)  # and the controllers
-    for name in {a.inverse_dynamics for a in arms} - {None}:
-        load_inverse_dynamics(name).check_planner(planner)
+        if a.planner is not None and a.planner not in planners:
+            raise ValueError(f"Arm {a.name!r} names planner {a.planner!r}, which the run was not given ({sorted(planners)}).")
+        if a.disturbance is not None and not isinstance(a.disturbance, Disturbance):
+            raise ValueError(f"Arm {a.name!r}: disturbance must be a Disturbance, got {a.disturbance!r}.")
+    acting = {key: planners[key][0] if key is not None else planner for key in {a.planner for a in arms if not a.is_expert}}
+    # Validates the planner options first, and then the controllers.
+    variants = {a.batch_key(): acting[a.planner].with_options(**dict(a.planner_options)) for a in arms if not a.is_expert}
+    for a in arms:
+        if not a.is_expert:
+            a.make_controller().bind(acting[a.planner].horizon, acting[a.planner].obs_normalizer.scale)
+    for a in arms:
+        if a.inverse_dynamics is not None and not a.is_expert:
+            load_inverse_dynamics(a.inverse_dynamics).check_planner(acting[a.planner])
     spec = asdict(_Spec([_arm_dict(a) for a in arms], seeds, planner_identity, max_steps, [asdict(c) for c in comparisons]))
+    # Only studies that use them name other planners or the expert: the records of older studies stay as they were.
+    if used := sorted({a.planner for a in arms} - {None}):
+        spec["planners"] = {name: planners[name][1] for name in used}
+    actor = None
+    if any(a.is_expert for a in arms):
+        actor, expert_meta = _load_expert()
+        spec["expert"] = {"sha256": expert_meta["sha256"], "deterministic": True}
     out = Path(out_dir)
     record_path = out / "record.json"
     if record_path.exists():
@@ -191,27 +236,47 @@ def run_experiment(
         stale.unlink()
 
     for key, variant in variants.items():
-        todo = [a for a in arms if a.batch_key() == key and not (rows_dir / f"{a.name}.json").exists()]
+        todo = [a for a in arms if not a.is_expert and a.batch_key() == key and not (rows_dir / f"{a.name}.json").exists()]
         if not todo:
             continue
+        first = todo[0]  # every arm of the group shares the batch key's options
         pairs = [(a, s) for a in todo for s in seeds]
-        inverse = load_inverse_dynamics(key[3]) if key[3] is not None else None
+        inverse = load_inverse_dynamics(first.inverse_dynamics) if first.inverse_dynamics is not None else None
         results = rollout(variant, [s for _, s in pairs], guidance_scale=[a.guidance_scale for a, _ in pairs],
-                          controller=[a.make_controller() for a, _ in pairs], ddim_steps=key[0], warm_start=key[1],
-                          max_steps=max_steps, record=True, progress=progress, inverse_dynamics=inverse)
+                          controller=[a.make_controller() for a, _ in pairs], ddim_steps=first.ddim_steps, warm_start=first.warm_start,
+                          max_steps=max_steps, record=True, progress=progress, inverse_dynamics=inverse, disturbance=first.disturbance)
         for a in todo:
             rows = [_row(a, r, ref, variant) for (arm, _), r in zip(pairs, results) if arm is a]
             atomic_write_json(rows_dir / f"{a.name}.json", rows)
+    for a in arms:
+        if a.is_expert and not (rows_dir / f"{a.name}.json").exists():
+            episodes = expert_episodes(actor, seeds, a.disturbance, max_steps)
+            atomic_write_json(rows_dir / f"{a.name}.json", [_expert_row(a, e, ref) for e in episodes])
 
     rows = [row for a in arms for row in _read_json(rows_dir / f"{a.name}.json")]
     summary = _summarize(arms, seeds, rows, comparisons, ref)
     if notes:
         summary["notes"] = notes
-    _write_csv(out / "episodes.csv", rows)
+    _write_csv(out / "episodes.csv", rows, _columns(arms))
     atomic_write_json(out / "summary.json", summary)
     hashes = {name: sha256_file(out / name) for name in ("episodes.csv", "summary.json")}
     atomic_write_json(record_path, {"spec": spec, "command": command, "files_sha256": hashes})
     return summary
+
+
+def expert_episodes(actor, seeds: Sequence[int], disturbance: Disturbance | None = None, max_steps: int = 1000) -> list[dict]:
+    """The SAC expert's deterministic episodes (return, length, fell) on ``seeds``, cut at ``max_steps`` like a planner's."""
+    import gymnasium as gym
+
+    from diffusion_rl.envs import ENV_ID
+    from diffusion_rl.expert import policy_episodes
+
+    env = ENV_ID
+    spec = gym.spec(ENV_ID)
+    if max_steps != spec.max_episode_steps:
+        # The same limit as rollout(max_steps=...): an environment spec with that time limit (gym.make takes a spec).
+        env = replace(spec, max_episode_steps=max_steps)
+    return policy_episodes(actor, seeds, deterministic=True, env_id=env, disturbance=disturbance)
 
 
 def load_rows(out_dir: str | os.PathLike) -> list[dict]:
@@ -230,7 +295,54 @@ def load_rows(out_dir: str | os.PathLike) -> list[dict]:
 def _arm_dict(a: Arm) -> dict:
     d = asdict(a)
     d["planner_options"] = {k: v for k, v in a.planner_options}
+    for key in ("agent", "planner", "disturbance"):
+        if d[key] is None:  # unused: a study without them records (and summarizes) exactly what it did before they existed
+            del d[key]
     return d
+
+
+def _load_expert():
+    """The shipped SAC expert and its sidecar (imported here: studies without the expert never load it)."""
+    from diffusion_rl.expert import load_policy
+
+    return load_policy()
+
+
+def _check_experts(arms: list[Arm]) -> None:
+    """The expert takes none of a planner's options: refuse an expert arm that sets one rather than ignore it."""
+    default = Arm("")
+    for a in arms:
+        if not a.is_expert:
+            continue
+        given = [f for f in ("guidance_scale", "ddim_steps", "planner_options", "threshold", "warm_start", "inverse_dynamics", "planner")
+                 if getattr(a, f) != getattr(default, f)]
+        if a.controller != "fixed" or a.window is not None:
+            given.insert(0, "window or controller")
+        if given:
+            raise ValueError(f"Arm {a.name!r} is the expert, which takes no planner options; it sets {', '.join(given)} "
+                             "(give window=None).")
+
+
+def _columns(arms: list[Arm]) -> tuple[str, ...]:
+    """The CSV columns: the agent and disturbance columns only for studies that use them."""
+    if not any(a.agent is not None or a.disturbance is not None for a in arms):
+        return COLUMNS
+    i = COLUMNS.index("seed")
+    return ("setting", "agent") + COLUMNS[1:i] + DISTURBANCE_COLUMNS + COLUMNS[i:]
+
+
+def _disturbance_cells(a: Arm) -> dict:
+    return (a.disturbance or Disturbance()).to_dict()
+
+
+def _expert_row(a: Arm, e: dict, ref: dict) -> dict:
+    """One expert episode as a CSV row; the planner's columns are empty (no plans) or zero (no denoiser calls)."""
+    return {
+        "setting": a.name, "agent": a.agent, "controller": "", "window": "", "guidance_scale": "", **_disturbance_cells(a),
+        "seed": e["seed"], "return": round(e["return"], 3), "normalized": round(scores(e["return"], e["length"], ref)["normalized"], 5),
+        "fell": int(e["fell"]), "diverged": "", "env_steps": e["length"], "plans": 0, "denoiser_evals": 0,
+        "window_end_drift": "", "clipped_action_share": "",
+    }
 
 
 def _row(a: Arm, r: EpisodeResult, ref: dict, planner: Planner) -> dict:
@@ -248,8 +360,8 @@ def _row(a: Arm, r: EpisodeResult, ref: dict, planner: Planner) -> dict:
     limits = [r.window] * len(ran) if a.controller == "fixed" else ran
     executed = np.concatenate([p[:n, :A] for p, n in zip(r.plans, limits)]) if plans else np.zeros((0, A))
     return {
-        "setting": a.name, "controller": r.controller, "window": r.window,
-        "guidance_scale": "" if a.guidance_scale is None else a.guidance_scale,
+        "setting": a.name, "agent": a.agent or a.name, "controller": r.controller, "window": r.window,
+        "guidance_scale": "" if a.guidance_scale is None else a.guidance_scale, **_disturbance_cells(a),
         "seed": r.seed, "return": round(r.total_return, 3), "normalized": round(scores(r.total_return, r.length, ref)["normalized"], 5),
         "fell": int(r.fell), "diverged": int(r.diverged), "env_steps": r.length, "plans": plans,
         "denoiser_evals": r.denoiser_evals,
@@ -270,7 +382,7 @@ def _summarize(arms: list[Arm], seeds: list[int], rows: list[dict], comparisons:
             "normalized": mean_ci([r["normalized"] for r in own]), "return": mean_ci([r["return"] for r in own]),
             "falls": falls, "fall_rate": {"mean": falls / len(own), "ci95": list(wilson_ci(falls, len(own)))},
             "denoiser_evals_per_step": sum(r["denoiser_evals"] for r in own) / max(steps, 1),
-            "steps_per_plan": steps / max(sum(r["plans"] for r in own), 1),
+            "steps_per_plan": steps / plans if (plans := sum(r["plans"] for r in own)) else None,  # None: the expert plans nothing
             "window_end_drift": mean_ci([r["window_end_drift"] for r in own if r["window_end_drift"] != ""]),
             "clipped_action_share": mean_ci([r["clipped_action_share"] for r in own if r["clipped_action_share"] != ""]),
         })
@@ -300,8 +412,8 @@ def _round(x: float, nd: int = 5) -> float | str:
     return round(float(x), nd) if math.isfinite(x) else ""
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    lines = [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in rows]
+def _write_csv(path: Path, rows: list[dict], columns: Sequence[str] = COLUMNS) -> None:
+    lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -23,18 +23,25 @@ evaluations per environment step for
 
 The default controller (the cheapest setting that keeps 98% of the k = 1 score) is chosen on the
 tuning seeds, among fixed windows with DDIM and the two adaptive triggers.
+
+``push``: pushes on the torso (the chapter "Push the walker"): fall rate and normalized return against
+push force for the SAC expert and planners (:data:`PUSH_AGENTS`), every agent on the same seeds and the
+same pushes. The tuning seeds locate the forces where the expert falls in 20% and in half of its episodes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from diffusion_rl.experiment import Arm, Comparison, load_rows, run_experiment, shipped_planner
+from diffusion_rl.disturbances import Disturbance
+from diffusion_rl.experiment import EXPERT, Arm, Comparison, load_rows, run_experiment, shipped_planner
+from diffusion_rl.planner import Planner
 
-__all__ = ["STUDIES", "EVAL_SEEDS", "TUNING_SEEDS", "choose_default", "control_study", "load_study", "run_study", "sampler_study", "setting_name"]
+__all__ = ["EVAL_SEEDS", "PUSH_AGENTS", "PUSH_FORCES", "STUDIES", "TUNING_SEEDS", "Agent", "choose_default", "control_study",
+           "expert_forces", "load_study", "push_arms", "push_study", "run_study", "sampler_study", "setting_name"]
 
 EVAL_SEEDS = list(range(10_000, 10_030))
 TUNING_SEEDS = list(range(20_000, 20_030))
@@ -180,7 +187,148 @@ def control_study(out_dir: str | os.PathLike, planner_name: str = "walker2d-h8",
                           notes={"default": default, "tuning": "tuning/summary.json"})
 
 
-STUDIES = {"sampler": Study(sampler_study, "sampler_study"), "control": Study(control_study, "control_study")}
+# ----------------------------------------------------------------------------- push the walker
+
+PUSH_FORCES = (0.0, 100.0, 200.0, 300.0, 400.0)
+"""Push forces in newtons; each push lasts 5 steps (40 ms) every 100 steps, :class:`Disturbance`'s defaults."""
+
+PUSH = Disturbance()
+"""The pushes' duration and interval (the forces come from :data:`PUSH_FORCES`): 5 steps every 100, the first at step 100."""
+
+REFERENCE_PLANNER = "walker2d-h8"
+"""The planner whose data set's mean return normalizes every agent's return (whichever planners act): one scale for all."""
+
+DEFAULT = "default"
+"""``Agent.planner`` for the shipped default: whatever ``pretrained.load()`` loads, run with its ``DEFAULT_CONTROL``."""
+
+
+@dataclass(frozen=True)
+class Agent:
+    """One agent of the push study: the SAC expert, or a shipped planner run with one controller setting."""
+
+    name: str
+    """The ``agent`` column (and the start of its arms' names)."""
+    planner: str | None = None
+    """A shipped planner's name (``pretrained.PRETRAINED``); ``default``: the shipped default; None: the SAC expert."""
+    controller: str = "fixed"
+    """When to replan (:mod:`diffusion_rl.control`); ignored for ``default``, which brings its own."""
+    window: int | None = 1
+    """Executed window k of the fixed controller."""
+    threshold: float | None = None
+    """The adaptive controllers' threshold."""
+    ddim_steps: int | None = None
+    """DDIM steps per plan; None is the 20-step DDPM sampler."""
+    warm_start: int | None = None
+    """Re-noise the previous plan to this many levels instead of sampling from pure noise."""
+
+
+PUSH_AGENTS = (
+    Agent(EXPERT),
+    Agent("default", DEFAULT),
+    Agent("k1-ddpm20", "walker2d-h8", window=1),
+    Agent("k2-ddim2", "walker2d-h8", window=2, ddim_steps=2),
+)
+"""The push study's agents. A new planner (trained on the DART data set, say, or fine-tuned under pushes) is one
+more line here, naming its shipped planner: ``Agent("dart-k1-ddpm20", "walker2d-h8-dart", window=1)``."""
+
+
+def default_planner() -> tuple[str, dict]:
+    """The shipped default planner's name (what ``pretrained.load()`` loads with no argument) and its default controller."""
+    import inspect
+
+    from diffusion_rl import pretrained
+
+    name = inspect.signature(pretrained.load).parameters["name"].default
+    return name, dict(pretrained.DEFAULT_CONTROL[name])
+
+
+def push_arms(agents: Sequence[Agent], forces: Sequence[float], reference: str = REFERENCE_PLANNER,
+              push: Disturbance = PUSH) -> tuple[list[Arm], list[Comparison]]:
+    """One arm per (agent, force), named ``<agent>-push<force>``, and each planner's paired comparison with the expert at each force.
+
+    Each arm meets ``push`` with its force; an arm's ``planner`` is None where the agent's planner is ``reference``
+    (the run's own planner), else its name.
+    """
+    names = [a.name for a in agents]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Agent names must be unique, got {names}.")
+    forces = [float(f) for f in forces]
+    if len(set(forces)) != len(forces) or not forces:
+        raise ValueError(f"Give each push force once, got {forces}.")
+    arms, comparisons = [], []
+    for agent in agents:
+        if agent.planner is None and agent.name != EXPERT:
+            raise ValueError(f"Agent {agent.name!r} names no planner; only the agent {EXPERT!r} (the SAC expert) acts without one.")
+        for force in forces:
+            disturbance = replace(push, push_force=force)  # refuses a negative or non-finite force
+            name = f"{agent.name}-push{force:g}"
+            if agent.planner is None:
+                arms.append(Arm(name, None, agent=EXPERT, disturbance=disturbance))
+                continue
+            planner, control = agent.planner, {"controller": agent.controller, "window": agent.window, "threshold": agent.threshold,
+                                               "ddim_steps": agent.ddim_steps, "warm_start": agent.warm_start}
+            if planner == DEFAULT:
+                planner, control = default_planner()
+            fixed = control["controller"] == "fixed"
+            arms.append(Arm(name, control["window"] if fixed else None, ddim_steps=control["ddim_steps"], controller=control["controller"],
+                            threshold=control["threshold"], warm_start=control["warm_start"], agent=agent.name,
+                            planner=None if planner == reference else planner, disturbance=disturbance))
+    if EXPERT in names:
+        comparisons = [Comparison(f"{EXPERT}-push{f:g}", f"{a.name}-push{f:g}") for a in agents if a.name != EXPERT for f in forces]
+    return arms, comparisons
+
+
+def expert_forces(summary: dict, low: float = 0.2, half: float = 0.5) -> dict:
+    """From a push study's summary: the expert's fall rate per force, the largest force up to which it falls in at most
+    ``low`` of its episodes, and the force where its fall rate is nearest ``half`` (the issue's two target forces)."""
+    rates = {s["disturbance"]["push_force"]: s["fall_rate"]["mean"] for s in summary["settings"] if s.get("agent") == EXPERT}
+    if not rates:
+        raise ValueError("The summary has no expert arms.")
+    forces = sorted(rates)
+    below = None
+    for f in forces:  # the force range where every force keeps the expert's falls at or below `low`
+        if rates[f] > low:
+            break
+        below = f
+    nearest = min(forces, key=lambda f: (abs(rates[f] - half), f))
+    return {"expert_fall_rate": {f"{f:g}": rates[f] for f in forces}, f"up_to_{low:g}_falls": below, f"nearest_{half:g}_falls": nearest,
+            "reaches_half": max(rates.values()) >= half,
+            "rule": f"the largest force with every force up to it at <= {low:.0%} expert falls; the force with expert falls nearest {half:.0%}"}
+
+
+def push_study(
+    out_dir: str | os.PathLike,
+    planner_name: str = REFERENCE_PLANNER,
+    command: str = "",
+    progress: bool = True,
+    agents: Sequence[Agent] = PUSH_AGENTS,
+    forces: Sequence[float] = PUSH_FORCES,
+    seeds: Sequence[int] = EVAL_SEEDS,
+    tuning_seeds: Sequence[int] = TUNING_SEEDS,
+    max_steps: int = 1000,
+    load: Callable[[str], tuple[Planner, dict]] = shipped_planner,
+    push: Disturbance = PUSH,
+) -> dict:
+    """Fall rate and normalized return against push force for every agent, on the tuning seeds and then the evaluation seeds.
+
+    ``load(name)`` gives a planner and its identity (default: the shipped planner, on the CPU); ``push`` the pushes'
+    duration and interval. Fewer ``seeds`` and a smaller ``max_steps`` make a quick trial run (into another folder).
+    """
+    arms, comparisons = push_arms(agents, forces, planner_name, push)
+    planner, identity = load(planner_name)
+    planners = {name: load(name) for name in dict.fromkeys(a.planner for a in arms if a.planner is not None)}
+    out = Path(out_dir)
+    tuned = run_experiment(planner, arms, tuning_seeds, out / "tuning", identity, command, comparisons, max_steps, progress,
+                           planners=planners)
+    notes = {"tuning": "tuning/summary.json"}
+    if any(a.name == EXPERT for a in agents):
+        notes["expert_forces"] = expert_forces(tuned)  # chosen on the tuning seeds, so the evaluation does not pick its own targets
+    return run_experiment(planner, arms, seeds, out, identity, command, comparisons, max_steps, progress, notes=notes,
+                          planners=planners)
+
+
+STUDIES = {"sampler": Study(sampler_study, "sampler_study"), "control": Study(control_study, "control_study"),
+           "push": Study(push_study, "push_study")}
 """Every study by name, with the folder under ``diffusion_rl/assets/`` that ships its results."""
 
 
