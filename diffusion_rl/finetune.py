@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -40,13 +41,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion_rl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, sha256_file
+from diffusion_rl.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 from diffusion_rl.diffusion import GaussianDiffusion, condition
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import LevelSplit
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
-__all__ = ["FinetuneConfig", "RESUME_MAY_CHANGE", "check_config", "export_finetuned", "finetune", "read_curve", "sample_chain"]
+__all__ = ["FinetuneConfig", "RESUME_MAY_CHANGE", "check_config", "export_finetuned", "finetune", "planner_from_run", "read_curve", "sample_chain"]
 
 
 @dataclass
@@ -501,6 +510,83 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict]:
     """A run's ``curve.csv`` as a list of dicts of numbers."""
     with open(Path(run_dir) / "curve.csv", newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- using a run
+
+
+def planner_from_run(run_dir: str | os.PathLike, snapshot: int | None = None, with_value: bool = True):
+    """A :class:`~diffusion_rl.planner.Planner` from a run's checkpoint, or from its snapshot after iteration ``snapshot``."""
+    from safetensors.torch import load_file
+
+    from diffusion_rl.planner import Planner
+    from diffusion_rl.pretrained import asset_path, load_network
+
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / "checkpoint.pt", kind="finetune")
+    cfg = FinetuneConfig(**state["config"])
+    base = _load_base(cfg.planner)
+    if state["base_sha256"] != base.sha256:
+        raise CheckpointError(f"{run_dir} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
+    policy = _policy(base, int(state["levels"]))
+    if snapshot is None:
+        policy.model.tuned.load_state_dict(state["tuned"])
+    else:
+        path = run_dir / "snapshots" / f"iter-{snapshot:04d}.safetensors"
+        if not path.exists():
+            kept = sorted(int(p.stem[5:]) for p in (run_dir / "snapshots").glob("iter-*.safetensors"))
+            raise CheckpointError(f"{run_dir} has no snapshot after iteration {snapshot}; it keeps {kept}.")
+        policy.model.tuned.load_state_dict(load_file(str(path)))
+    value = load_network(asset_path(cfg.planner, "value"))[0] if with_value else None
+    meta = {**base.meta, "finetune": {"run": run_dir.name, "iteration": snapshot or int(state["iteration"])}}
+    return Planner(policy, base.normalizer, value, meta)
+
+
+TUNING_SEEDS = tuple(range(20_000, 20_030))
+"""Seeds on which runs and snapshots are compared (never the evaluation seeds 10000-10029)."""
+
+
+def score_on_seeds(planner, seeds: Sequence[int], window: int) -> dict:
+    """Unguided closed-loop score of a planner at window k: percent of the data's return, falls, per-seed returns."""
+    from diffusion_rl.planner import rollout
+
+    results = rollout(planner, list(seeds), window=window)
+    returns = np.array([r.total_return for r in results])
+    data = planner.meta["dataset"]["mean_return"]
+    return {"window": window, "seeds": [int(seeds[0]), int(seeds[-1])], "normalized": round(100 * float(returns.mean()) / data, 2),
+            "falls": int(sum(r.fell for r in results)), "returns": [round(float(x), 2) for x in returns]}
+
+
+def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, snapshots_of: str | None = None,
+                seeds: Sequence[int] = TUNING_SEEDS, progress: bool = True) -> dict:
+    """Compare fine-tuning runs on the tuning seeds at their own window; ``runs.json`` + each run's curve in ``out_dir``.
+
+    ``snapshots_of``: the name of one run whose every snapshot is scored too (the learning curve on held-out seeds).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    report = {"seeds": [int(seeds[0]), int(seeds[-1])], "runs": [], "snapshots": []}
+    for run in tqdm(run_dirs, desc="runs", disable=not progress):
+        run = Path(run)
+        state = load_checkpoint(run / "checkpoint.pt", kind="finetune")
+        cfg = FinetuneConfig(**state["config"])
+        curve = json.loads(state["curve"])
+        entry = {"name": run.name, "command": finetune_command(cfg, f"runs/{run.name}"), "config": state["config"],
+                 "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
+                 "tuning": score_on_seeds(planner_from_run(run, with_value=False), seeds, cfg.window)}
+        report["runs"].append(entry)
+        write_curve(out / run.name / "curve.csv", curve)
+        if run.name == snapshots_of:
+            from diffusion_rl.pretrained import load
+
+            base = load(cfg.planner, device="cpu", with_value=False)
+            report["snapshots"].append({"iteration": 0, **score_on_seeds(base, seeds, cfg.window)})
+            kept = sorted(int(p.stem[5:]) for p in (run / "snapshots").glob("iter-*.safetensors"))
+            for it in tqdm(kept, desc="snapshots", disable=not progress, leave=False):
+                report["snapshots"].append({"iteration": it, **score_on_seeds(planner_from_run(run, it, with_value=False), seeds, cfg.window)})
+    atomic_write_json(out / "runs.json", report)
+    return report
 
 
 # ----------------------------------------------------------------------------- export
