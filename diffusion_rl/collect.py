@@ -3,7 +3,9 @@
 Minari built its own Walker2d sets with an SB3 SAC expert, stochastic actions and reset seeds
 counting up from 123; we do the same with our expert. Each episode's action noise comes from a
 generator seeded by that episode's reset seed, so an episode is fully determined by its seed,
-whatever order the parallel environments finish in.
+whatever order the parallel environments finish in. Other recipes (:mod:`diffusion_rl.recipes`, such
+as DART's noisy executed actions with clean recorded labels under random pushes) go through the same
+machinery: ``make-dataset --recipe NAME``.
 
 The dataset is written into a staging folder and moved into place only when Minari has finished,
 so a killed or failed build never leaves a folder that looks like a dataset. Each finished episode is
@@ -21,19 +23,20 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json
 from diffusion_rl.data import (
-    DEFAULT_DATASET_ID,
     DatasetError,
     datasets_root,
     is_complete_dataset,
     local_dataset_path,
     validate_dataset_id,
 )
+from diffusion_rl.disturbances import Disturbance, DisturbanceWrapper
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.runtime import display_path, torch_threads
 
@@ -43,7 +46,10 @@ FIRST_SEED = 123
 """Reset seed of the first episode, as in Minari's MuJoCo datasets."""
 
 NoisyPolicy = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(observations (B, obs_dim), standard-normal noise (B, act_dim)) -> actions (B, act_dim)."""
+"""(observations (B, obs_dim), standard-normal noise (B, act_dim)) -> actions (B, act_dim).
+
+It may instead return a pair (executed, recorded) of such arrays: the environment steps with the first,
+the data set records the second (DART's clean labels for noisy actions)."""
 
 
 _EPISODE_FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
@@ -102,17 +108,19 @@ def collect_episodes(
     env_id: str = ENV_ID,
     progress: bool = True,
     cache: EpisodeCache | None = None,
+    disturb: Callable[[int], Disturbance] | None = None,
 ) -> list:
     """Roll out ``policy`` and return Minari ``EpisodeBuffer`` objects, one per episode, in seed order.
 
     With ``n_episodes`` set, exactly that many episodes; otherwise the fewest episodes (in seed
     order) whose steps add up to at least ``min_steps``. Episodes found in ``cache`` are reused, and
-    each newly finished one is saved there.
+    each newly finished one is saved there. ``disturb(seed)``: the disturbance each episode meets.
     """
     from minari.data_collector import EpisodeBuffer
     from tqdm.auto import tqdm
 
-    envs = [make_env(env_id) for _ in range(n_envs)]
+    # With ``disturb``, every environment is wrapped (with nothing to do until an episode sets its disturbance).
+    envs = [DisturbanceWrapper(make_env(env_id), Disturbance()) if disturb else make_env(env_id) for _ in range(n_envs)]
     act_dim = envs[0].action_space.shape[0]
     finished: dict[int, dict] = {}
     slots: list[dict | None] = [None] * n_envs
@@ -139,6 +147,8 @@ def collect_episodes(
         if not more() or reached(prefix, prefix_steps):
             return
         seed = first_seed + next_episode
+        if disturb is not None:
+            envs[slot].disturbance = disturb(seed)  # read by the wrapper's reset and steps
         obs, _ = envs[slot].reset(seed=seed)
         slots[slot] = {"id": next_episode, "seed": seed, "rng": np.random.default_rng(seed),
                        "observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
@@ -160,11 +170,12 @@ def collect_episodes(
         obs = np.stack([slots[s]["observations"][-1] for s in active])
         noise = np.stack([slots[s]["rng"].standard_normal(act_dim) for s in active])
         actions = policy(obs, noise)
-        for s, action in zip(active, actions, strict=True):
+        executed, recorded = actions if isinstance(actions, tuple) else (actions, actions)
+        for s, action, label in zip(active, executed, recorded, strict=True):
             ep = slots[s]
             o, r, term, trunc, _ = envs[s].step(action)
             ep["observations"].append(o)
-            ep["actions"].append(np.asarray(action, np.float32))
+            ep["actions"].append(np.asarray(label, np.float32))
             ep["rewards"].append(float(r))
             ep["terminations"].append(bool(term))
             ep["truncations"].append(bool(trunc))
@@ -270,7 +281,7 @@ def _build_lock(root: Path, dataset_id: str):
 
 
 def make_dataset(
-    dataset_id: str = DEFAULT_DATASET_ID,
+    dataset_id: str | None = None,
     n_episodes: int | None = None,
     min_steps: int = 100_000,
     policy_path: str | os.PathLike | None = None,
@@ -279,16 +290,26 @@ def make_dataset(
     progress: bool = True,
     policy: NoisyPolicy | None = None,
     policy_meta: dict | None = None,
+    recipe: str = "expert",
+    options: dict | None = None,
 ):
-    """Build (or reuse) the Minari dataset ``dataset_id`` from the expert policy; returns the MinariDataset.
+    """Build (or reuse) the Minari dataset ``dataset_id`` from the expert policy by ``recipe``; returns the MinariDataset.
 
     An existing complete dataset is reused unless ``force``. ``policy``/``policy_meta`` override the
-    shipped expert (tests use a small untrained actor).
+    shipped expert (tests use a small untrained actor) for the ``expert`` recipe. ``recipe``: a name in
+    :data:`diffusion_rl.recipes.RECIPES`, with its ``options``; ``dataset_id`` None is the recipe's own id.
     """
     import minari
 
     from diffusion_rl.data import load_dataset
+    from diffusion_rl.recipes import get_recipe
 
+    # Everything the user gave is checked before anything is written.
+    rec = get_recipe(recipe)
+    recipe_options = rec.make_options(options)
+    if policy is not None and recipe != "expert":
+        raise ValueError(f"The {recipe} recipe needs the expert's actor: give policy_path, not a policy function.")
+    dataset_id = rec.dataset_id if dataset_id is None else dataset_id
     validate_dataset_id(dataset_id)
     root = datasets_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -300,6 +321,12 @@ def make_dataset(
         if final.exists():
             if not force:
                 ds = load_dataset(dataset_id, download=False)
+                made_by = ds.storage.metadata.get("algorithm_name")
+                if made_by != (wanted := rec.behaviour(None, recipe_options).algorithm):
+                    raise DatasetError(
+                        f"{dataset_id} already exists, made as {made_by!r}, not by the {recipe} recipe ({wanted!r}). "
+                        "Rebuild it with --force (force=True) or choose another dataset id."
+                    )
                 too_small = ds.total_episodes != n_episodes if n_episodes is not None else ds.total_steps < min_steps
                 if too_small:
                     raise DatasetError(
@@ -314,25 +341,27 @@ def make_dataset(
             from diffusion_rl.expert import load_policy
 
             actor, policy_meta = load_policy(policy_path)
-
-            def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-                return actor.act(obs, noise=noise)
+            behaviour = rec.behaviour(actor, recipe_options)
+        else:
+            behaviour = replace(rec.behaviour(None, recipe_options), policy=policy)  # the expert recipe, another policy
 
         cache = None
         if (policy_sha := (policy_meta or {}).get("sha256")) is not None:
-            # An episode is fixed by its seed, the policy and the environment: key the kept episodes on those.
-            cache = EpisodeCache(_cache_folder(root, dataset_id), {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1})
+            # An episode is fixed by its seed, the policy, the environment and the recipe: key the kept episodes on those.
+            key = {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1, **behaviour.key}
+            cache = EpisodeCache(_cache_folder(root, dataset_id), key)
         with torch_threads(1):
-            episodes = collect_episodes(policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache)
+            episodes = collect_episodes(behaviour.policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache,
+                                        disturb=behaviour.disturb)
         returns = np.array([ep.rewards.sum() for ep in episodes])
         meta = policy_meta or {}
         ref_max = meta.get("eval_stochastic", {}).get("mean")
+        command = "python -m diffusion_rl make-dataset" + ("" if recipe == "expert" else f" --recipe {recipe}")
         description = (
-            "Walker2d-v5 episodes from the diffusion_rl SAC expert, actions sampled stochastically "
-            f"(tanh-Gaussian, per-episode noise seeded by the reset seed), reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
+            f"Walker2d-v5 episodes from the diffusion_rl SAC expert, {behaviour.actions}, reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
             f"Policy sha256 {meta.get('sha256', 'n/a')}, deterministic eval return "
             f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic {ref_max if ref_max is not None else float('nan'):.1f}. "
-            "Built by `python -m diffusion_rl make-dataset`. Not the official Minari mujoco/walker2d/expert-v0."
+            f"Built by `{command}`. Not the official Minari mujoco/walker2d/expert-v0."
         )
 
         staging = root / f".staging-{os.getpid()}-{final.name}"
@@ -344,7 +373,7 @@ def make_dataset(
                     dataset_id=dataset_id,
                     buffer=episodes,
                     env=make_env().spec,
-                    algorithm_name="SAC (diffusion_rl.expert), stochastic actions",
+                    algorithm_name=behaviour.algorithm,
                     author="diffusion-rl contributors",
                     author_email="see the repository",
                     code_permalink="diffusion_rl/collect.py",

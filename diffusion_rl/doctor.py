@@ -113,7 +113,7 @@ def _datasets(report: dict) -> None:
             # Minari writes metadata.json last: without it the folder is a build that never finished.
             out["incomplete"].append(dataset_id)
             report["notes"].append(f"{data_dir.parent} holds no metadata.json (an unfinished build): delete it, or rerun "
-                                   f"`python -m diffusion_rl make-dataset --dataset-id {dataset_id}`, which replaces it.")
+                                   f"`{_rebuild_command(dataset_id)}`, which replaces it.")
             continue
         try:
             md = json.loads(meta_path.read_text())
@@ -134,6 +134,16 @@ def _datasets(report: dict) -> None:
     if DEFAULT_DATASET_ID not in {d["id"] for d in out["datasets"]}:
         report["notes"].append(f"{DEFAULT_DATASET_ID} is not built: training, the sweep's analysis and some chapters' "
                                "recomputation need it; run `python -m diffusion_rl make-dataset` (about 1 minute).")
+
+
+def _rebuild_command(dataset_id: str) -> str:
+    """The make-dataset command that rebuilds ``dataset_id``, naming its recipe where the id is a recipe's own."""
+    try:
+        from diffusion_rl.recipes import RECIPES
+    except Exception:  # the doctor must run where gymnasium or torch is broken too; then the plain command
+        RECIPES = {}
+    recipe = next((r.name for r in RECIPES.values() if r.dataset_id == dataset_id and r.name != "expert"), None)
+    return "python -m diffusion_rl make-dataset" + (f" --recipe {recipe}" if recipe else "") + f" --dataset-id {dataset_id}"
 
 
 def _expected_assets() -> set[str]:
