@@ -97,9 +97,10 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
     from diffusion_rl.collect import dataset_summary, make_dataset
 
+    options = {k: getattr(args, k) for k in ("action_noise", "max_push") if getattr(args, k) is not None}  # the recipe checks them
     ds = make_dataset(
         args.dataset_id, n_episodes=args.episodes, min_steps=args.steps, policy_path=args.policy,
-        first_seed=args.first_seed, force=args.force, progress=not args.no_progress,
+        first_seed=args.first_seed, force=args.force, progress=not args.no_progress, recipe=args.recipe, options=options,
     )
     print(json.dumps(dataset_summary(ds), indent=2))
     return 0
@@ -156,6 +157,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     path = finetune(config_from_args(FinetuneConfig, args), args.run_dir, progress=not args.no_progress)
     print(f"checkpoint: {path}")
+    return 0
+
+
+def cmd_finetune_report(args: argparse.Namespace) -> int:
+    from diffusion_rl.finetune import report_runs
+
+    report = report_runs(args.runs, args.out, snapshots_of=args.snapshots_of, progress=not args.no_progress)
+    for r in report["runs"]:
+        t = r["tuning"]
+        print(f"{r['name']}: k = {t['window']}, {t['normalized']:.1f}% of the data, {t['falls']} falls, {r['env_steps']} env steps, {r['wall_time_s']:.0f} s")
     return 0
 
 
@@ -263,16 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_expert)
 
     from diffusion_rl.collect import FIRST_SEED
-    from diffusion_rl.data import DEFAULT_DATASET_ID
+    from diffusion_rl.recipes import RECIPES
 
     p = sub.add_parser("make-dataset", help="roll out the expert and write a Minari dataset (reused if complete)")
-    p.add_argument("--dataset-id", default=DEFAULT_DATASET_ID, help=f"Minari id to write (default: {DEFAULT_DATASET_ID})")
+    p.add_argument("--recipe", choices=list(RECIPES), default="expert",
+                   help="how to collect: " + "; ".join(f"{r.name}: {r.summary} ({r.dataset_id})" for r in RECIPES.values()) + " (default: expert)")
+    p.add_argument("--dataset-id", default=None, help="Minari id to write (default: the recipe's, in --recipe's list)")
     p.add_argument("--steps", type=int, default=100_000, help="collect whole episodes until this many steps (default: 100000)")
     p.add_argument("--episodes", type=int, default=None, help="collect exactly this many episodes instead (small test sets)")
     p.add_argument("--policy", default=None, help="expert .safetensors (default: the shipped policy)")
     p.add_argument("--first-seed", type=int, default=FIRST_SEED, help=f"reset seed of episode 0 (default: {FIRST_SEED})")
     p.add_argument("--force", action="store_true", help="rebuild even if a complete dataset exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--action-noise", type=float, default=None, help="expert-dart: std of the noise on executed actions (default: 0.2)")
+    p.add_argument("--max-push", type=float, default=None, help="expert-dart: largest push force in N, drawn per episode (default: 200)")
     p.set_defaults(func=cmd_make_dataset)
 
     from diffusion_rl.training import DiffuserConfig, InverseDynamicsConfig, ValueConfig
@@ -338,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_dataclass_args(p, FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("finetune-report", help="score finetune runs (and one run's snapshots) on the tuning seeds 20000-20029")
+    p.add_argument("runs", nargs="+", help="finetune run folders")
+    p.add_argument("--out", default="diffusion_rl/assets/finetune_runs", help="writes runs.json and each run's curve.csv here")
+    p.add_argument("--snapshots-of", default=None, help="name of the run whose snapshots are scored too")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune_report)
 
     p = sub.add_parser("export-finetuned", help="export a finetune run as a shipped planner (safetensors + sidecar)")
     p.add_argument("--run", default="runs/finetune", help="finetune run folder (default: runs/finetune)")
