@@ -562,3 +562,15 @@ def test_doctor_survives_a_probe_that_crashes(monkeypatch, capsys):
     assert not report["ok"] and any(p.startswith("assets: the check itself failed") for p in report["problems"])
     assert "versions" in report and "sweep" in report
     assert "verdict:" in capsys.readouterr().out
+
+
+def test_two_builds_of_one_dataset_at_once_both_succeed_with_one_dataset(tmp_path):
+    """Two processes (a chapter under nbval and the same chapter in the book build, say) ask for a missing dataset at once."""
+    dataset_id, root = "walker2d/twice-v0", tmp_path / "minari"
+    args = _make_dataset_args(dataset_id, {"n_episodes": 40}, _tiny_policy_file(tmp_path))
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(root)}
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert is_complete_dataset(root / Path(*dataset_id.split("/"))) and not list(root.glob(".staging-*"))
