@@ -167,7 +167,7 @@ def shipped_planner(name: str) -> tuple[Planner, dict]:
     from diffusion_rl import pretrained
 
     planner = pretrained.load(name, device="cpu")
-    sha = {part: pretrained.read_sidecar(pretrained.asset_path(name, part))["sha256"] for part in ("diffuser", "value")}
+    sha = {part: pretrained.read_sidecar(pretrained.asset_path(name, part))["sha256"] for part in pretrained.PRETRAINED[name]}
     return planner, {"source": {"planner": name}, "sha256": sha}
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "export_policy",
     "load_policy",
     "policy_episodes",
+    "record_episode",
     "shipped_policy_path",
     "train_sac",
 ]
@@ -337,6 +338,27 @@ def policy_episodes(
         finally:
             envs.close()
     return [{"seed": s, "return": float(r), "length": int(n), "fell": bool(f)} for s, r, n, f in zip(seeds, returns, lengths, fell)]
+
+
+def record_episode(actor: Actor, seed: int, disturbance: Disturbance | None = None, max_steps: int = 1000,
+                   env_id: str = ENV_ID) -> dict:
+    """One deterministic episode with its states and root x positions (for videos): states (T+1, obs), x (T+1,), return, fell."""
+    env = make_env(env_id, max_episode_steps=max_steps, disturbance=disturbance)
+    try:
+        obs, _ = env.reset(seed=int(seed))
+        states, xs, total, fell = [obs], [float(env.unwrapped.data.qpos[0])], 0.0, False
+        with torch_threads(1):
+            for _ in range(max_steps):
+                obs, reward, terminated, truncated, _ = env.step(actor.act(obs[None], deterministic=True)[0])
+                states.append(obs)
+                xs.append(float(env.unwrapped.data.qpos[0]))
+                total += float(reward)
+                if terminated or truncated:
+                    fell = bool(terminated)
+                    break
+    finally:
+        env.close()
+    return {"states": np.asarray(states, np.float32), "x": np.asarray(xs), "return": total, "fell": fell, "length": len(states) - 1}
 
 
 # ----------------------------------------------------------------------------- training

@@ -619,7 +619,7 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
         "file": path.name,
         "finetuned_from": {"name": cfg.planner, "file": base.path.name, "sha256": base.sha256},
         "finetune": {
-            "method": "DPPO: PPO over the last K denoising steps", "levels": int(state["levels"]), "config": state["config"],
+            "method": "DPPO: PPO over the last K denoising steps", "run": Path(run_dir).name, "levels": int(state["levels"]), "config": state["config"],
             "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
             "command": command or finetune_command(cfg), "learning_curve": curve,
         },

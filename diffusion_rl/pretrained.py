@@ -45,6 +45,8 @@ def asset_path(name: str, part: str = "diffuser") -> Path:
     """Path of a shipped weight file, with a clear error for an unknown name."""
     if name not in PRETRAINED:
         raise CheckpointError(f"No pretrained planner named {name!r}; available: {', '.join(sorted(PRETRAINED))}.")
+    if part not in PRETRAINED[name]:
+        raise CheckpointError(f"The planner {name!r} ships no {part} network (it has: {', '.join(PRETRAINED[name])}).")
     return ASSETS / PRETRAINED[name][part]
 
 
@@ -53,6 +55,7 @@ def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = Tru
     from diffusion_rl.runtime import pick_device
 
     diffusion, normalizer, meta = load_network(asset_path(name, "diffuser"))
+    with_value = with_value and "value" in PRETRAINED.get(name, {})  # a planner may ship without one (no guidance)
     value, value_normalizer = load_network(asset_path(name, "value"))[:2] if with_value else (None, None)
     planner = Planner(diffusion, normalizer, value, meta, **planner_options)  # checks the shapes first
     if value_normalizer is not None:

@@ -1,0 +1,76 @@
+"""Figures and tables of the push chapter: fall rate and score against push force, per agent, with intervals."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["agent_curves", "plot_push_curves", "push_table_html", "push_targets"]
+
+
+def agent_curves(summary: dict) -> dict[str, list[dict]]:
+    """Each agent's settings in a push study's summary, sorted by push force."""
+    out: dict[str, list[dict]] = {}
+    for s in summary["settings"]:
+        out.setdefault(s["agent"], []).append(s)
+    return {a: sorted(v, key=lambda s: s["disturbance"]["push_force"]) for a, v in out.items()}
+
+
+def plot_push_curves(summary: dict, agents: Sequence[str] | None = None, labels: dict[str, str] | None = None):
+    """Fall rate (Wilson 95%) and score (bootstrap 95%) against push force, one line per agent."""
+    import matplotlib.pyplot as plt
+
+    curves = agent_curves(summary)
+    agents = list(agents or curves)
+    labels = labels or {}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, agent in enumerate(agents):
+        rows = curves[agent]
+        f = np.array([s["disturbance"]["push_force"] for s in rows]) + 4 * (i - (len(agents) - 1) / 2)
+        style = {"marker": "o", "ms": 4, "capsize": 3, "lw": 1.5, "color": "black" if agent == "expert" else f"C{i}",
+                 "label": labels.get(agent, agent), "linestyle": "--" if agent == "expert" else "-"}
+        falls = np.array([100 * s["fall_rate"]["mean"] for s in rows])
+        lo, hi = (np.array([100 * s["fall_rate"]["ci95"][j] for s in rows]) for j in (0, 1))
+        ax1.errorbar(f, falls, yerr=[falls - lo, hi - falls], **style)
+        score = np.array([s["normalized"]["mean"] for s in rows])
+        lo, hi = (np.array([s["normalized"]["ci95"][j] for s in rows]) for j in (0, 1))
+        ax2.errorbar(f, score, yerr=[score - lo, hi - score], **style)
+    ax1.set(xlabel="push force (N), 5 steps every 100", ylabel="episodes that fall, %", ylim=(-3, 103), title="Falls")
+    ax2.set(xlabel="push force (N), 5 steps every 100", ylabel="score, % of the data's return", title="Score")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def push_table_html(summary: dict, agents: Sequence[str] | None = None, labels: dict[str, str] | None = None) -> str:
+    """Falls out of the episodes and the mean score, per agent (rows) and push force (columns)."""
+    curves = agent_curves(summary)
+    agents = list(agents or curves)
+    labels = labels or {}
+    forces = [s["disturbance"]["push_force"] for s in curves[agents[0]]]
+    head = "<tr><th>agent</th>" + "".join(f"<th>{f:g} N</th>" for f in forces) + "</tr>"
+    body = []
+    for agent in agents:
+        cells = "".join(f"<td>{s['falls']}/{s['episodes']} · {s['normalized']['mean']:.0f}%</td>" for s in curves[agent])
+        body.append(f"<tr><td>{html.escape(labels.get(agent, agent))}</td>{cells}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def push_targets(summary: dict, notes: dict, agent: str = "default", undisturbed: float | None = None) -> list[dict]:
+    """The issue's bars for ``agent`` against the expert, at the forces the tuning seeds located."""
+    curves = agent_curves(summary)
+    by = {a: {s["disturbance"]["push_force"]: s for s in rows} for a, rows in curves.items()}
+    low, half = notes["up_to_0.2_falls"], notes["nearest_0.5_falls"]
+    rows = []
+    for force in sorted(f for f in by["expert"] if f <= low):
+        e, d = by["expert"][force]["fall_rate"]["mean"], by[agent][force]["fall_rate"]["mean"]
+        rows.append({"target": f"{force:g} N: falls at most the expert's + 5 points", "value": 100 * (d - e), "met": d <= e + 0.05})
+    e, d = by["expert"][half]["fall_rate"]["mean"], by[agent][half]["fall_rate"]["mean"]
+    rows.append({"target": f"{half:g} N (expert near half): falls less than the expert", "value": 100 * (d - e), "met": d < e})
+    if undisturbed is not None:
+        rows.append({"target": "undisturbed k = 1: at least 98% of the data's return", "value": undisturbed, "met": undisturbed >= 98})
+    return rows
