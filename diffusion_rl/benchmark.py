@@ -88,14 +88,14 @@ def closed_loop_speed(ddim_steps: int | None, episodes: int = 10, max_steps: int
     """Aggregated env steps per second of the shipped planner in closed loop, one thread."""
     from diffusion_rl import pretrained
 
-    planner = pretrained.load(device="cpu")
+    planner = pretrained.load("walker2d-h8", device="cpu")
     t0 = time.perf_counter()
     results = rollout(planner, range(10_000, 10_000 + episodes), window=window, ddim_steps=ddim_steps, max_steps=max_steps)
     return sum(r.length for r in results) / (time.perf_counter() - t0)
 
 
-def _default_episodes(seeds: list[int], max_steps: int, min_batch: int = 16) -> tuple[int, float]:
-    """Env steps and rollout wall seconds of the shipped planner's default controller on ``seeds`` (one thread).
+def _default_episodes(seeds: list[int], max_steps: int, min_batch: int = 16, name: str = "walker2d-h8") -> tuple[int, float]:
+    """Env steps and rollout wall seconds of shipped planner ``name`` with its default controller on ``seeds`` (one thread).
 
     ``min_batch``: the planner pads smaller batches to this many rows, which makes every episode's result
     independent of its batch-mates (the studies' setting, 16); 1 plans a lone episode without padding.
@@ -104,8 +104,8 @@ def _default_episodes(seeds: list[int], max_steps: int, min_batch: int = 16) -> 
     from diffusion_rl.control import controller_from_name
 
     torch.set_num_threads(1)
-    control = pretrained.DEFAULT_CONTROL["walker2d-h8"]
-    planner = pretrained.load(device="cpu", min_batch=min_batch)
+    control = pretrained.DEFAULT_CONTROL[name]
+    planner = pretrained.load(name, device="cpu", min_batch=min_batch)
     controller = controller_from_name(control["controller"], window=control["window"], threshold=control["threshold"])
     t0 = time.perf_counter()
     results = rollout(planner, seeds, controller=controller, ddim_steps=control["ddim_steps"], warm_start=control["warm_start"],
@@ -113,9 +113,10 @@ def _default_episodes(seeds: list[int], max_steps: int, min_batch: int = 16) -> 
     return sum(r.length for r in results), time.perf_counter() - t0
 
 
-def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers: int = 2) -> tuple[float, float, float]:
-    """The default controller's speed: aggregated env steps/s of ``episodes`` split over ``workers`` processes
-    (one core each), and decisions (env steps) per second of one episode alone on one core, with the
+def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers: int = 2,
+                             name: str = "walker2d-h8") -> tuple[float, float, float]:
+    """Planner ``name``'s default controller's speed: aggregated env steps/s of ``episodes`` split over ``workers``
+    processes (one core each), and decisions (env steps) per second of one episode alone on one core, with the
     studies' padded batches and without padding."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -123,10 +124,11 @@ def default_controller_speed(episodes: int = 20, max_steps: int = 1000, workers:
     seeds = list(range(10_000, 10_000 + episodes))
     # Fresh interpreters (spawn): forking a process whose torch already ran threads can hang.
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        parts = list(pool.map(_default_episodes, [seeds[i::workers] for i in range(workers)], [max_steps] * workers))
+        parts = list(pool.map(_default_episodes, [seeds[i::workers] for i in range(workers)], [max_steps] * workers,
+                              [16] * workers, [name] * workers))
     aggregated = sum(steps for steps, _ in parts) / max(wall for _, wall in parts)
-    steps, wall = _default_episodes(seeds[:1], max_steps)
-    lone_steps, lone_wall = _default_episodes(seeds[:1], max_steps, min_batch=1)
+    steps, wall = _default_episodes(seeds[:1], max_steps, name=name)
+    lone_steps, lone_wall = _default_episodes(seeds[:1], max_steps, min_batch=1, name=name)
     return aggregated, steps / wall, lone_steps / lone_wall
 
 
@@ -175,12 +177,21 @@ def run_benchmark(quick: bool = False) -> dict:
     rows.append((f"closed loop k=1, 20 DDPM steps, shipped planner, {episodes} ep.", full, "env steps/s", float("nan")))
     rows.append((f"closed loop k=1, 1-step DDIM, shipped planner, {episodes} ep.", one, "env steps/s", one / full))
     agg, single, lone = default_controller_speed(episodes=4 if quick else 20, max_steps=200 if quick else 1000)
-    rows.append((f"default controller, {4 if quick else 20} ep., 2 processes", agg, "env steps/s (2 cores)",
+    rows.append((f"walker2d-h8 default controller, {4 if quick else 20} ep., 2 processes", agg, "env steps/s (2 cores)",
                  agg / REFERENCE["default_env_steps_per_s_2cores"]))
-    rows.append(("default controller, 1 episode, 1 core, padded batch", single, "decisions/s",
+    rows.append(("walker2d-h8 default controller, 1 episode, 1 core, padded batch", single, "decisions/s",
                  single / REFERENCE["default_decisions_per_s_1core"]))
-    rows.append(("default controller, 1 episode, 1 core, min_batch=1", lone, "decisions/s",
+    rows.append(("walker2d-h8 default controller, 1 episode, 1 core, min_batch=1", lone, "decisions/s",
                  lone / REFERENCE["default_decisions_per_s_1core"]))
+    # The shipped default (robust to pushes) beside the original's, as a ratio of env steps/s.
+    from diffusion_rl import pretrained
+
+    robust = pretrained.DEFAULT_PLANNER
+    r_agg, r_single, r_lone = default_controller_speed(episodes=4 if quick else 20, max_steps=200 if quick else 1000, name=robust)
+    control = pretrained.DEFAULT_CONTROL[robust]
+    rows.append((f"{robust} default (k={control['window']}, DDIM {control['ddim_steps']}), 2 processes", r_agg,
+                 "env steps/s (2 cores)", r_agg / agg))
+    rows.append((f"{robust} default, 1 episode, 1 core, min_batch=1", r_lone, "decisions/s", r_lone / lone))
     wall, steps = sweep_time(quick)
     what = "reduced study sweep (2 settings x 2 ep. x 200 steps)" if quick else "study sweep (8 settings x 10 ep. x 1000 steps)"
     rows.append((f"{what}, wall", wall, "s (target 300)", REFERENCE["study_sweep_s"] / wall if not quick else float("nan")))

@@ -249,7 +249,10 @@ def cmd_doctor(args: argparse.Namespace | None) -> int:
 
 
 def _add_planner_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--planner", default="walker2d-h8", help="shipped planner name (default: walker2d-h8)")
+    from diffusion_rl.pretrained import DEFAULT_PLANNER, PRETRAINED
+
+    p.add_argument("--planner", default=DEFAULT_PLANNER, choices=sorted(PRETRAINED), metavar="NAME",
+                   help=f"shipped planner: {', '.join(sorted(PRETRAINED))} (default: {DEFAULT_PLANNER})")
     p.add_argument("--diffuser", default=None, help="use this train-diffuser run (folder or checkpoint.pt) instead")
     p.add_argument("--value", default=None, help="with --diffuser: the train-value run for guidance")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -338,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-planner", help="export trained runs as the package's planner and score it in closed loop")
     p.add_argument("--diffuser", required=True, help="train-diffuser run folder or checkpoint.pt")
-    p.add_argument("--value", required=True, help="train-value run folder or checkpoint.pt")
+    p.add_argument("--value", default=None, help="train-value run folder or checkpoint.pt (default: none; the planner then cannot guide)")
     p.add_argument("--name", default="walker2d-h8", help="planner name (default: walker2d-h8)")
     p.add_argument("--out-dir", default=None, help="output folder (default: the package's assets)")
     p.add_argument("--guidance-scale", type=float, default=0.3, help="guidance scale for the guided score (default: 0.3, chosen on seeds 20000-20039)")

@@ -32,6 +32,12 @@ def dataset_reference(dataset_id: str) -> dict:
     return summary
 
 
+def score_reference(meta: dict) -> dict:
+    """The data a planner's scores are normalized by: the expert set for every planner (``meta["reference"]``
+    where the planner was trained on other data), so percentages compare across planners."""
+    return meta.get("reference") or meta.get("dataset") or {}
+
+
 def evaluate(
     planner: Planner,
     window: int | None = None,
@@ -59,7 +65,7 @@ def evaluate(
     wall = time.perf_counter() - t0
     if "dataset" not in planner.meta and "config" in planner.meta:
         planner.meta["dataset"] = dataset_reference(planner.meta["config"]["dataset_id"])
-    reference = planner.meta.get("dataset", {}).get("mean_return")
+    reference = score_reference(planner.meta).get("mean_return")
     out = summarize(results, reference)
     if guidance_scale is not None:
         out["guide"] = planner.guide_settings()
@@ -86,7 +92,7 @@ def evaluate(
 
 def export_planner(
     diffuser_run: str | os.PathLike,
-    value_run: str | os.PathLike,
+    value_run: str | os.PathLike | None,
     name: str = "walker2d-h8",
     out_dir: str | os.PathLike | None = None,
     guidance_scale: float = 0.3,
@@ -94,31 +100,41 @@ def export_planner(
     command: str = "",
     progress: bool = True,
 ) -> dict:
-    """Export a denoiser and a value run as ``<name>-diffuser/-value.safetensors`` and score them.
+    """Export a denoiser and (optionally) a value run as ``<name>-diffuser/-value.safetensors`` and score them.
 
     The score (unguided k = 1 and k = H, guided k = H, on ``episodes`` fixed seeds) is written into
-    both sidecars. Returns the denoiser's sidecar.
+    both sidecars. A denoiser trained on other data than the expert set is scored against the expert
+    set (``reference``), as every planner in the book. Returns the denoiser's sidecar.
     """
     from diffusion_rl import pretrained
+    from diffusion_rl.data import DEFAULT_DATASET_ID
 
     out_dir = Path(out_dir) if out_dir is not None else pretrained.ASSETS
     out_dir.mkdir(parents=True, exist_ok=True)
     dpath, vpath = out_dir / f"{name}-diffuser.safetensors", out_dir / f"{name}-value.safetensors"
     dmeta = pretrained.export_network(diffuser_run, dpath, {"export_command": command})
     dmeta["dataset"] = dataset_reference(dmeta["dataset_id"])
-    vmeta = pretrained.export_network(value_run, vpath, {"export_command": command})
+    if dmeta["dataset_id"] != DEFAULT_DATASET_ID:
+        dmeta["reference"] = dataset_reference(DEFAULT_DATASET_ID)
     diffusion, normalizer, _ = pretrained.load_network(dpath)
-    value, vnorm, _ = pretrained.load_network(vpath)
-    pretrained.check_same_data(normalizer, vnorm)
+    parts = [(dmeta, dpath)]
+    value = None
+    if value_run is not None:
+        vmeta = pretrained.export_network(value_run, vpath, {"export_command": command})
+        value, vnorm, _ = pretrained.load_network(vpath)
+        pretrained.check_same_data(normalizer, vnorm)
+        parts.append((vmeta, vpath))
     planner = Planner(diffusion, normalizer, value, dmeta)
 
     seeds = EVAL_SEEDS[:episodes] if episodes <= len(EVAL_SEEDS) else range(EVAL_SEEDS[0], EVAL_SEEDS[0] + episodes)
     H = planner.horizon
-    settings = {"unguided_k1": (1, None), f"unguided_k{H}": (H, None), f"guided_k{H}": (H, guidance_scale)}
+    settings = {"unguided_k1": (1, None), f"unguided_k{H}": (H, None)}
+    if value is not None:
+        settings[f"guided_k{H}"] = (H, guidance_scale)
     score = {}
     for key, (window, scale) in settings.items():
         score[key] = evaluate(planner, window, scale, seeds, progress=progress)
-    for meta, path in ((dmeta, dpath), (vmeta, vpath)):
+    for meta, path in parts:
         meta["score"] = score
         meta["score_protocol"] = (
             f"closed loop, {len(seeds)} episodes on reset seeds {seeds[0]}..{seeds[-1]}, up to 1000 steps, "

@@ -124,7 +124,7 @@ def references(planner: Planner) -> dict:
     """The normalizers: the data's mean return and reward per step, and random/expert returns."""
     from diffusion_rl.evaluation import dataset_reference
 
-    data = planner.meta.get("dataset") or dataset_reference(planner.meta["config"]["dataset_id"])
+    data = planner.meta.get("reference") or planner.meta.get("dataset") or dataset_reference(planner.meta["config"]["dataset_id"])
     return {
         "dataset_id": data["dataset_id"], "data_mean_return": data["mean_return"], "data_reward_per_step": data["reward_per_step"],
         "random_return": data.get("ref_min_score"), "expert_return": data.get("ref_max_score"),

@@ -606,7 +606,8 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
         raise CheckpointError(f"{ckpt_path} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
     policy = _policy(base, int(state["levels"]))
     policy.model.tuned.load_state_dict(state["tuned"])
-    tensors = {f"net.{k}": v.contiguous() for k, v in policy.state_dict().items()}
+    # Only the tuned steps: the pretrained network is the base planner's own file, which the loader finds by its SHA-256.
+    tensors = {f"net.model.tuned.{k}": v.contiguous() for k, v in policy.model.tuned.state_dict().items()}
     tensors["normalizer.shift"] = torch.as_tensor(base.normalizer.shift).contiguous()
     tensors["normalizer.scale"] = torch.as_tensor(base.normalizer.scale).contiguous()
     out = Path(out_dir) if out_dir is not None else ASSETS
@@ -621,8 +622,9 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
         "finetune": {
             "method": "DPPO: PPO over the last K denoising steps", "run": Path(run_dir).name, "levels": int(state["levels"]), "config": state["config"],
             "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
-            "command": command or finetune_command(cfg), "learning_curve": curve,
+            "command": finetune_command(cfg, f"runs/{Path(run_dir).name}"), "learning_curve": curve,
         },
+        "export_command": command or f"python -m diffusion_rl export-finetuned --run runs/{Path(run_dir).name} --name {name}",
         "seed": cfg.seed,
         "steps": int(state["iteration"]),
         "wall_time_s": round(float(state["wall_time"]), 1),

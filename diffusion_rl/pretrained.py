@@ -22,20 +22,36 @@ from diffusion_rl.models import ValueNet
 from diffusion_rl.planner import Planner
 from diffusion_rl.training import CONFIGS, build_network, train_command
 
-__all__ = ["INVERSE_DYNAMICS", "PRETRAINED", "load", "load_inverse_dynamics", "load_run", "export_network", "load_network", "asset_path"]
+__all__ = ["DEFAULT_CONTROL", "DEFAULT_PLANNER", "INVERSE_DYNAMICS", "PRETRAINED", "load", "load_inverse_dynamics", "load_run", "export_network", "load_network", "asset_path"]
 
 ASSETS = Path(__file__).parent / "assets"
 
 PRETRAINED = {
     "walker2d-h8": {"diffuser": "walker2d-h8-diffuser.safetensors", "value": "walker2d-h8-value.safetensors"},
+    "walker2d-h8-dart": {"diffuser": "walker2d-h8-dart-diffuser.safetensors"},
+    "walker2d-h8-dppo": {"diffuser": "walker2d-h8-dppo-diffuser.safetensors", "value": "walker2d-h8-value.safetensors"},
 }
-"""Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``."""
+"""Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``.
+
+``walker2d-h8`` learned from the expert's own episodes (``walker2d/local-expert-v0``);
+``walker2d-h8-dart`` from episodes where the expert's executed actions were noisy and the walker was
+pushed, while the recorded actions stayed the expert's clean ones (``make-dataset --recipe expert-dart``);
+``walker2d-h8-dppo`` is ``walker2d-h8`` with its last 10 denoising steps fine-tuned by PPO on the reward of
+whole 8-step plans (``python -m diffusion_rl finetune``), sharing its value network."""
+
+DEFAULT_PLANNER = "walker2d-h8-dart"
+"""What ``load()`` and ``evaluate`` use when no planner is named: the most robust to pushes among the shipped
+planners whose undisturbed k = 1 score is at least 98% of the data's (the push study's tuning seeds)."""
 
 DEFAULT_CONTROL = {
     "walker2d-h8": {"controller": "fixed", "window": 4, "threshold": None, "ddim_steps": 1, "warm_start": None},
+    "walker2d-h8-dart": {"controller": "fixed", "window": 2, "threshold": None, "ddim_steps": 2, "warm_start": None},
+    "walker2d-h8-dppo": {"controller": "fixed", "window": 8, "threshold": None, "ddim_steps": None, "warm_start": None},
 }
-"""How ``evaluate`` runs each shipped planner when given no controller options: the setting the control
-study chose on its tuning seeds (``diffusion_rl/assets/control_study/summary.json``, notes.default)."""
+"""How ``evaluate`` runs each shipped planner when given no controller options. ``walker2d-h8``: the setting
+the control study chose on its tuning seeds (``diffusion_rl/assets/control_study/summary.json``, notes.default);
+``walker2d-h8-dart``: the push study's choice on its tuning seeds (``push_study/summary.json``, notes.default);
+``walker2d-h8-dppo``: whole plans, the window it was fine-tuned for."""
 
 INVERSE_DYNAMICS = {"walker2d": "walker2d-inverse-dynamics.safetensors"}
 """Shipped inverse-dynamics models a = f(s, s') by name (``python -m diffusion_rl train-inverse-dynamics``)."""
@@ -50,7 +66,7 @@ def asset_path(name: str, part: str = "diffuser") -> Path:
     return ASSETS / PRETRAINED[name][part]
 
 
-def load(name: str = "walker2d-h8", device: str = "auto", with_value: bool = True, **planner_options) -> Planner:
+def load(name: str = DEFAULT_PLANNER, device: str = "auto", with_value: bool = True, **planner_options) -> Planner:
     """The shipped planner ``name``, SHA-256 verified, on ``device`` (auto: CUDA if present)."""
     from diffusion_rl.runtime import pick_device
 
@@ -167,6 +183,18 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"The sidecar {side} is not valid JSON ({exc}).") from None
 
 
+def _base_tensors(path: Path, source: dict) -> dict:
+    """The pretrained denoiser a fine-tuned file builds on (it stores only its tuned steps), SHA-256 checked."""
+    from safetensors.torch import load_file
+
+    base = path.parent / source["file"]
+    base = base if base.exists() else ASSETS / source["file"]
+    if not base.exists() or sha256_file(base) != source["sha256"]:
+        raise CheckpointError(f"{path} was fine-tuned from {source['file']} with SHA-256 {source['sha256'][:12]}..., "
+                              "which is missing or different here: refusing to load it.")
+    return {"net.model.base." + k.removeprefix("net.model."): v for k, v in load_file(str(base)).items() if k.startswith("net.model.")}
+
+
 def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet, Normalizer, dict]:
     """A denoiser or value network from safetensors + sidecar, after checking the SHA-256."""
     from safetensors import SafetensorError
@@ -191,6 +219,7 @@ def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet,
         from diffusion_rl.models import LevelSplit, TemporalUnet
 
         net.model = LevelSplit(net.model, TemporalUnet(net.model.cfg), int(meta["finetune"]["levels"]))
+        tensors = {**_base_tensors(path, meta["finetuned_from"]), **tensors}
     _load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path)
     try:
         normalizer = Normalizer(tensors["normalizer.shift"].numpy(), tensors["normalizer.scale"].numpy(), meta["normalizer_kind"])

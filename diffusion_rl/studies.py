@@ -40,7 +40,7 @@ from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.experiment import EXPERT, Arm, Comparison, load_rows, run_experiment, shipped_planner
 from diffusion_rl.planner import Planner
 
-__all__ = ["EVAL_SEEDS", "PUSH_AGENTS", "PUSH_FORCES", "STUDIES", "TUNING_SEEDS", "Agent", "choose_default", "control_study",
+__all__ = ["EVAL_SEEDS", "PUSH_AGENTS", "PUSH_FORCES", "STUDIES", "TUNING_SEEDS", "Agent", "choose_default", "choose_push_default", "control_study",
            "expert_forces", "load_study", "push_arms", "push_study", "run_study", "sampler_study", "setting_name"]
 
 EVAL_SEEDS = list(range(10_000, 10_030))
@@ -227,6 +227,9 @@ PUSH_AGENTS = (
     Agent("default", DEFAULT),
     Agent("k1-ddpm20", "walker2d-h8", window=1),
     Agent("k2-ddim2", "walker2d-h8", window=2, ddim_steps=2),
+    Agent("k4-ddim1", "walker2d-h8", window=4, ddim_steps=1),
+    Agent("dart-k1-ddim2", "walker2d-h8-dart", window=1, ddim_steps=2),
+    Agent("dart-k8-ddpm20", "walker2d-h8-dart", window=8),
 )
 """The push study's agents. A new planner (trained on the DART data set, say, or fine-tuned under pushes) is one
 more line here, naming its shipped planner: ``Agent("dart-k1-ddpm20", "walker2d-h8-dart", window=1)``."""
@@ -234,11 +237,9 @@ more line here, naming its shipped planner: ``Agent("dart-k1-ddpm20", "walker2d-
 
 def default_planner() -> tuple[str, dict]:
     """The shipped default planner's name (what ``pretrained.load()`` loads with no argument) and its default controller."""
-    import inspect
-
     from diffusion_rl import pretrained
 
-    name = inspect.signature(pretrained.load).parameters["name"].default
+    name = pretrained.DEFAULT_PLANNER
     return name, dict(pretrained.DEFAULT_CONTROL[name])
 
 
@@ -276,6 +277,35 @@ def push_arms(agents: Sequence[Agent], forces: Sequence[float], reference: str =
     if EXPERT in names:
         comparisons = [Comparison(f"{EXPERT}-push{f:g}", f"{a.name}-push{f:g}") for a in agents if a.name != EXPERT for f in forces]
     return arms, comparisons
+
+
+def _agent_setting(agent: Agent) -> tuple[str, dict]:
+    """The planner and controller an agent runs (the shipped default's for ``default``)."""
+    if agent.planner == DEFAULT:
+        return default_planner()
+    return agent.planner, {"controller": agent.controller, "window": agent.window, "threshold": agent.threshold,
+                           "ddim_steps": agent.ddim_steps, "warm_start": agent.warm_start}
+
+
+def choose_push_default(summary: dict, agents: Sequence[Agent] = PUSH_AGENTS, keep: float = 98.0) -> dict:
+    """The most robust planner setting in a push study's summary: the fewest falls summed over the pushed forces, among
+    agents whose undisturbed score is at least ``keep``% of the data's return; ties go to fewer denoiser evaluations per step."""
+    candidates = []
+    for agent in agents:
+        if agent.planner is None:
+            continue
+        rows = [s for s in summary["settings"] if s.get("agent") == agent.name]
+        calm = [s for s in rows if s["disturbance"]["push_force"] == 0]
+        if not calm or calm[0]["normalized"]["mean"] < keep:
+            continue
+        falls = sum(s["falls"] for s in rows if s["disturbance"]["push_force"] > 0)
+        candidates.append((falls, calm[0]["denoiser_evals_per_step"], agent.name))
+    if not candidates:
+        raise ValueError(f"No planner agent keeps {keep}% of the data's return undisturbed.")
+    falls, evals, name = min(candidates)
+    planner, control = _agent_setting(next(a for a in agents if a.name == name))
+    return {"agent": name, "planner": planner, "control": control, "pushed_falls": falls, "denoiser_evals_per_step": evals,
+            "rule": f"fewest falls over the pushed forces among agents scoring >= {keep:g}% undisturbed; ties: fewer evaluations per step"}
 
 
 def expert_forces(summary: dict, low: float = 0.2, half: float = 0.5) -> dict:
@@ -323,6 +353,8 @@ def push_study(
     notes = {"tuning": "tuning/summary.json"}
     if any(a.name == EXPERT for a in agents):
         notes["expert_forces"] = expert_forces(tuned)  # chosen on the tuning seeds, so the evaluation does not pick its own targets
+    if any(a.planner is not None for a in agents):
+        notes["default"] = choose_push_default(tuned, agents)  # the robust default, chosen on the tuning seeds too
     return run_experiment(planner, arms, seeds, out, identity, command, comparisons, max_steps, progress, notes=notes,
                           planners=planners)
 

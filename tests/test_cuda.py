@@ -33,7 +33,7 @@ def _start_states(n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("kappa", [None, 0.3])
 def test_shipped_planner_plans_on_the_gpu_as_on_the_cpu(kappa):
-    gpu, cpu = pretrained.load(device="auto"), pretrained.load(device="cpu")
+    gpu, cpu = pretrained.load("walker2d-h8", device="auto"), pretrained.load("walker2d-h8", device="cpu")
     assert gpu.device.type == "cuda"
     obs = _start_states(24)
     a, b = gpu.plan(obs, guidance_scale=kappa, seed=0), cpu.plan(obs, guidance_scale=kappa, seed=0)
@@ -44,7 +44,7 @@ def test_shipped_planner_plans_on_the_gpu_as_on_the_cpu(kappa):
 
 
 def test_closed_loop_on_the_gpu_walks_like_on_the_cpu():
-    gpu = pretrained.load(device="auto")
+    gpu = pretrained.load("walker2d-h8", device="auto")
     seeds = list(range(500, 508))
     results = rollout(gpu, seeds, window=[1, 4] * 4, guidance_scale=[None, 0.3] * 4, max_steps=200, record=True)
     assert [r.seed for r in results] == seeds

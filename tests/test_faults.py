@@ -433,7 +433,6 @@ def test_make_dataset_killed_mid_collection_keeps_its_finished_episodes(tmp_path
 
 @pytest.mark.slow
 def test_make_dataset_killed_mid_build_reruns_to_the_same_dataset(tmp_path, monkeypatch):
-    from diffusion_rl.collect import make_dataset
 
     dataset_id, root = "walker2d/killed-cli-v0", tmp_path / "minari"
     policy = _tiny_policy_file(tmp_path)

@@ -194,3 +194,34 @@ def test_a_non_finite_loss_stops_the_run_before_a_checkpoint(tmp_path, monkeypat
     with pytest.raises(TrainingError, match="actor loss became nan in iteration 2; the checkpoint keeps iteration 1"):
         ft.finetune(replace(TINY, iterations=2), run, progress=False)
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 1
+
+
+def test_the_shipped_fine_tuned_planner_stores_only_its_tuned_steps_and_checks_its_base(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    path = pretrained.asset_path("walker2d-h8-dppo")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert set(meta["finetune"]) >= {"env_steps", "wall_time_s", "levels", "learning_curve", "command"}
+    assert meta["finetuned_from"] == {"name": "walker2d-h8", "file": "walker2d-h8-diffuser.safetensors",
+                                      "sha256": json.loads(pretrained.asset_path("walker2d-h8").with_suffix(".json").read_text())["sha256"]}
+    assert all(k.startswith(("net.model.tuned.", "normalizer.")) for k in load_file(str(path)))
+    assert "finetune " in meta["finetune"]["command"] and not meta["finetune"]["command"].startswith("/")
+    # A base file beside it that is not the one it was tuned from is refused, not silently used.
+    shutil.copy(path, tmp_path / path.name)
+    shutil.copy(path.with_suffix(".json"), tmp_path / path.with_suffix(".json").name)
+    shutil.copy(pretrained.asset_path("walker2d-h8", "value"), tmp_path / "walker2d-h8-diffuser.safetensors")
+    with pytest.raises(CheckpointError, match="fine-tuned from walker2d-h8-diffuser.safetensors"):
+        pretrained.load_network(tmp_path / path.name)
+
+
+def test_evaluate_lists_and_runs_the_fine_tuned_planner(capsys):
+    from diffusion_rl.cli import build_parser
+
+    assert "walker2d-h8-dppo" in build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
+    assert main(["evaluate", "--planner", "walker2d-h8-dppo", "--window", "8", "--first-seed", "10000", "--episodes", "1",
+                 "--max-steps", "40", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["episodes"] == 1 and summary["window"] == 8 and summary["env_steps"] > 0

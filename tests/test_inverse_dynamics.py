@@ -146,7 +146,7 @@ def test_bad_controller_options_exit_2_with_one_line(args, match, capsys, tmp_pa
 
 
 def test_evaluate_without_options_runs_the_shipped_default_controller(capsys, monkeypatch):
-    default = pretrained.DEFAULT_CONTROL["walker2d-h8"]
+    default = pretrained.DEFAULT_CONTROL[pretrained.DEFAULT_PLANNER]  # evaluate's default planner, with its controller
     assert main(["evaluate", "--episodes", "1", "--max-steps", "30", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     name = default["controller"]
