@@ -83,7 +83,9 @@ def test_rows_summary_and_record(finished):
     assert set(summary["notes"]["expert_forces"]["expert_fall_rate"]) == {"0", "300"}
     record = json.loads((out / "record.json").read_text())
     assert record["spec"]["expert"]["sha256"] == json.loads(pretrained.ASSETS.joinpath("expert-walker2d-sac.json").read_text())["sha256"]
-    assert record["spec"]["planners"] == {"other": {"source": {"planner": "other"}}}
+    others = {a.planner for a in AGENTS if a.planner not in (None, studies.DEFAULT, studies.REFERENCE_PLANNER)}
+    others |= {studies.default_planner()[0]} - {studies.REFERENCE_PLANNER}
+    assert record["spec"]["planners"] == {name: {"source": {"planner": name}} for name in others}
     assert (out / "tuning" / "summary.json").exists() and {int(r["seed"]) for r in read_rows(out / "tuning")} == set(TUNING)
     assert experiment.load_rows(out)[0]["agent"] == "expert"
 
@@ -146,3 +148,27 @@ def test_the_study_command_knows_the_push_study():
 
     assert build_parser().parse_args(["study", "push"]).name == "push"
     assert studies.study_folder("push").name == "push_study"
+
+
+def test_the_robust_default_is_the_rule_applied_to_the_tuning_stage():
+    def setting(agent, force, falls, score, evals=1.0):
+        return {"agent": agent, "disturbance": {"push_force": force}, "falls": falls, "normalized": {"mean": score},
+                "denoiser_evals_per_step": evals}
+
+    agents = (Agent("expert"), Agent("a", "p", window=1), Agent("b", "p", window=2), Agent("c", "q", window=1))
+    summary = {"settings": [setting("expert", 0, 0, 100), setting("expert", 300, 9, 80),
+                            setting("a", 0, 0, 99), setting("a", 300, 5, 90),
+                            setting("b", 0, 0, 99, 0.5), setting("b", 300, 5, 90, 0.5),  # as robust as a, cheaper
+                            setting("c", 0, 0, 97), setting("c", 300, 0, 99)]}  # the most robust, but misses 98% undisturbed
+    chosen = studies.choose_push_default(summary, agents)
+    assert chosen["agent"] == "b" and chosen["planner"] == "p" and chosen["control"]["window"] == 2
+    with pytest.raises(ValueError, match="keeps 101"):
+        studies.choose_push_default(summary, agents, keep=101)
+
+
+def test_the_shipped_default_is_the_push_studys_choice():
+    folder = studies.study_folder("push") / "tuning"
+    if not (folder / "summary.json").exists():
+        pytest.skip("the push study has not been run into the package")
+    chosen = studies.choose_push_default(json.loads((folder / "summary.json").read_text()))
+    assert (chosen["planner"], chosen["control"]) == (pretrained.DEFAULT_PLANNER, pretrained.DEFAULT_CONTROL[pretrained.DEFAULT_PLANNER])
