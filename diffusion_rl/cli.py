@@ -207,7 +207,13 @@ def cmd_export_inverse_dynamics(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from diffusion_rl.sweep import PRESETS, SweepConfig, run_sweep
 
+    from dataclasses import replace
+
+    from diffusion_rl.disturbances import Disturbance
+
     cfg = config_from_args(SweepConfig, args, **PRESETS[args.preset])
+    disturbance = config_from_args(Disturbance, args)
+    cfg = replace(cfg, disturbance=disturbance if disturbance.active else None)
     summary = run_sweep(cfg, args.out, command=_command_line(), progress=not args.no_progress)
     print(f"{'setting':<12} {'episodes':>8} {'return':>22} {'% of data':>10} {'falls':>6}")
     for s in summary["settings"]:
@@ -378,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: every window unguided and guided, 30 episodes; study: the study's 8 settings x 10 episodes (default: full)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_dataclass_args(p, SweepConfig)
+    from diffusion_rl.disturbances import Disturbance
+
+    _add_dataclass_args(p.add_argument_group("disturbances (pushes on the torso, shifted dynamics; seeded by each episode's seed)"), Disturbance)
     p.set_defaults(func=cmd_sweep)
 
     from diffusion_rl.studies import STUDIES

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -47,10 +48,11 @@ from diffusion_rl.analysis import (
     paired_difference,
     plan_drift,
     trend_test,
-    within_seed_trend_test,
     wilson_ci,
+    within_seed_trend_test,
 )
 from diffusion_rl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.experiment import D4RL_WALKER2D, mean_ci, references, scores, shipped_planner
 from diffusion_rl.planner import EpisodeResult, Planner, check_guidance_scale, rollout
 
@@ -146,6 +148,10 @@ class SweepConfig:
     """a train-diffuser run (folder or checkpoint.pt) to use instead of the shipped planner"""
     value: str = ""
     """with diffuser: the train-value run for guidance"""
+    disturbance: Disturbance | None = None
+    """pushes or shifted dynamics in every episode (the CLI's disturbance options); recorded in sweep.json, rows and summary"""
+
+    UNUSED: ClassVar[tuple[str, ...]] = ("disturbance",)  # set through the disturbance option group, not one option
 
     def settings(self, horizon: int) -> list[Setting]:
         """The settings to run, unguided first."""
@@ -246,7 +252,7 @@ def _run_group(cfg: SweepConfig, tasks: list[tuple[int, int, float | None]], out
 
     results = rollout(
         planner, seeds, windows, scales, ddim_steps=cfg.ddim_steps or None, max_steps=cfg.max_steps, record=True,
-        threads=cfg.threads, on_episode_end=save, on_step=on_step,
+        threads=cfg.threads, on_episode_end=save, on_step=on_step, disturbance=cfg.disturbance,
     )
     return int(sum(r.length for r in results))
 
@@ -297,6 +303,8 @@ def _run_episodes(cfg: SweepConfig, out: Path, command: str, progress: bool) -> 
         "ddim_steps": cfg.ddim_steps or None, "planner": ident,
         "guide": planner.guide_settings(),
     }
+    if cfg.disturbance is not None and cfg.disturbance.active:  # absent otherwise: undisturbed sweeps keep their records
+        spec["disturbance"] = cfg.disturbance.to_dict()
     meta_path = out / "sweep.json"
     meta = {"spec": spec, "config": asdict(cfg), "runs": []}
     if meta_path.exists():
@@ -389,6 +397,8 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
     scale = planner.obs_normalizer.scale
     H = planner.horizon
     data_states = _data_states(planner)
+    record = json.loads((out / "sweep.json").read_text()) if (out / "sweep.json").is_file() else {}
+    disturbance = record.get("spec", {}).get("disturbance")  # its values become columns of every row
 
     episodes: dict[Setting, list[EpisodeResult]] = {s: [load_episode(episode_path(out, s, seed)) for seed in seeds] for s in settings}
     rows, drift_rows, shift_rows = [], [], []
@@ -410,6 +420,7 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
                 "window_end_drift": _round(_finite_mean(dr[:, end])),
                 "nn_distance_steady": _round(_finite_mean(d[steady])),
                 "nn_distance_max": _round(float(np.nanmax(d))),
+                **(disturbance or {}),
             })
             if e.fell:
                 fall_profiles["nn_distance"].append(_before_end(d, BEFORE_FALL))
@@ -446,6 +457,7 @@ def analyse_sweep(out_dir: str | os.PathLike, planner: Planner, settings: Sequen
                   f"distances to the data measured every {NN_STRIDE}th step there, every step before a fall",
         "plan_drift_ratio": "a plan's drift where its executed window ends (or where the episode ended), divided by the mean "
                             "of the same setting's plans made in steady walking; 1 = as usual",
+        **({"disturbance": disturbance} if disturbance else {}),
     }
     _write_csv(out / "episodes.csv", rows)
     _write_csv(out / "drift.csv", drift_rows)

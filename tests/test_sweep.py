@@ -164,6 +164,23 @@ def test_cli_sweep_prints_the_table(cfg, tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "bad"), "--diffuser", cfg.diffuser, "--windows", "0", "--no-progress"]) == 2
 
 
+def test_a_sweep_under_pushes_records_them_in_its_spec_rows_and_summary(cfg, tmp_path, capsys):
+    from diffusion_rl.cli import main
+
+    out = tmp_path / "pushed"
+    args = ["sweep", "--out", str(out), "--diffuser", cfg.diffuser, "--value", cfg.value, "--windows", "2", "--guided-windows", "none",
+            "--episodes", "2", "--max-steps", "20", "--workers", "1", "--no-progress", "--push-force", "300", "--push-interval", "10"]
+    assert main(args) == 0
+    pushed = {"push_force": 300.0, "push_duration": 5, "push_interval": 10, "torso_mass": 1.0, "friction": 1.0}
+    assert json.loads((out / "sweep.json").read_text())["spec"]["disturbance"] == pushed
+    assert json.loads((out / "summary.json").read_text())["disturbance"] == pushed
+    rows = sweep.load_results(out).episodes
+    assert all(r["push_force"] == 300.0 and r["push_interval"] == 10 for r in rows)
+    # The same folder with another force is another sweep: refused, not mixed in.
+    assert main([*args[:-4], "--push-force", "100", "--push-interval", "10"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
