@@ -55,7 +55,7 @@ from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import LevelSplit
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
-__all__ = ["FinetuneConfig", "RESUME_MAY_CHANGE", "check_config", "export_finetuned", "finetune", "planner_from_run", "read_curve", "sample_chain"]
+__all__ = ["FinetuneConfig", "RESUME_MAY_CHANGE", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "read_curve", "sample_chain"]
 
 
 @dataclass
@@ -587,6 +587,37 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                 report["snapshots"].append({"iteration": it, **score_on_seeds(planner_from_run(run, it, with_value=False), seeds, cfg.window)})
     atomic_write_json(out / "runs.json", report)
     return report
+
+
+@torch.no_grad()
+def chain_kl(planner, states: np.ndarray, std_floor: float = 0.1, seed: int = 0) -> dict[int, float]:
+    """How far a fine-tuned planner's trained steps are from its base's: the mean KL divergence per trained level, in nats,
+    between the two networks' reverse steps from the same inputs (the tuned chain's own, sampled from ``states``)."""
+    split = planner.diffusion.model
+    if not isinstance(split, LevelSplit):
+        raise ValueError("chain_kl needs a fine-tuned planner (its denoiser is a LevelSplit).")
+    policy = planner.diffusion
+    cond = planner.obs_normalizer.normalize(torch.from_numpy(np.asarray(states, np.float32)))
+    _, x_in, _ = sample_chain(policy, cond, split.levels, std_floor, torch.Generator().manual_seed(seed))
+    mask = _free_mask(policy)
+    out = {}
+    for s in range(split.levels):
+        level = split.levels - 1 - s
+        t = torch.full((len(cond),), level, dtype=torch.long)
+        tuned = policy.schedule.q_posterior(split.tuned(x_in[:, s], t), x_in[:, s], t)[0]
+        base = policy.schedule.q_posterior(split.base(x_in[:, s], t), x_in[:, s], t)[0]
+        out[level] = float(((tuned - base).pow(2) / (2 * step_std(policy, level, std_floor) ** 2) * mask).sum((1, 2)).mean())
+    return out
+
+
+def plan_distance_to_data(planner, states: np.ndarray, data_states: np.ndarray, seed: int = 0) -> np.ndarray:
+    """How far one plan from each state strays from the data: the mean RMS distance of its predicted states (rows
+    1..H-1) to their nearest data states, in data standard deviations, per plan (N,). Same noise for every planner."""
+    from diffusion_rl.analysis import nearest_data_distance
+
+    predicted = planner.plan(np.asarray(states, np.float32), seed=seed, with_values=False).observations[:, 1:]
+    d = nearest_data_distance(predicted.reshape(-1, predicted.shape[-1]), data_states, planner.obs_normalizer.scale)
+    return d.reshape(len(states), -1).mean(1)
 
 
 # ----------------------------------------------------------------------------- export
