@@ -178,6 +178,11 @@ def test_the_exported_planner_loads_and_before_any_update_plans_like_its_base(tm
     a = Planner(tuned, normalizer).plan(obs, seed=3).actions
     b = Planner(base, normalizer).plan(obs, seed=3).actions
     np.testing.assert_array_equal(a, b)
+    assert set(ft.chain_kl(Planner(tuned, normalizer), obs).values()) == {0.0}, "no actor update yet: no divergence"
+    shipped = ft.chain_kl(pretrained.load("walker2d-h8-dppo", device="cpu", with_value=False), obs)
+    assert list(shipped) == list(range(9, -1, -1)) and shipped[0] > 0
+    with pytest.raises(ValueError, match="needs a fine-tuned planner"):
+        ft.chain_kl(Planner(base, normalizer), obs)
     with pytest.raises(ValueError, match="itself a fine-tuned planner"):
         monkey = dict(pretrained.PRETRAINED, **{"tiny-dppo": {"diffuser": str(tmp_path / "tiny-dppo-diffuser.safetensors")}})
         with pytest.MonkeyPatch.context() as mp:
