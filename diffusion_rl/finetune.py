@@ -558,15 +558,16 @@ def score_on_seeds(planner, seeds: Sequence[int], window: int) -> dict:
 
 
 def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, snapshots_of: str | None = None,
-                seeds: Sequence[int] = TUNING_SEEDS, progress: bool = True) -> dict:
+                seeds: Sequence[int] = TUNING_SEEDS, progress: bool = True, compare_at: int | None = None) -> dict:
     """Compare fine-tuning runs on the tuning seeds at their own window; ``runs.json`` + each run's curve in ``out_dir``.
 
     ``snapshots_of``: the name of one run whose every snapshot is scored too (the learning curve on held-out seeds).
+    ``compare_at``: also score every run's snapshot after that many iterations, so runs of different lengths compare.
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    report = {"seeds": [int(seeds[0]), int(seeds[-1])], "runs": [], "snapshots": []}
+    report = {"seeds": [int(seeds[0]), int(seeds[-1])], "compare_at": compare_at, "runs": [], "snapshots": []}
     for run in tqdm(run_dirs, desc="runs", disable=not progress):
         run = Path(run)
         state = load_checkpoint(run / "checkpoint.pt", kind="finetune")
@@ -575,6 +576,9 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         entry = {"name": run.name, "command": finetune_command(cfg, f"runs/{run.name}"), "config": state["config"],
                  "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
                  "tuning": score_on_seeds(planner_from_run(run, with_value=False), seeds, cfg.window)}
+        if compare_at is not None:
+            entry["at"] = {"iteration": compare_at,
+                           **score_on_seeds(planner_from_run(run, compare_at, with_value=False), seeds, cfg.window)}
         report["runs"].append(entry)
         write_curve(out / run.name / "curve.csv", curve)
         if run.name == snapshots_of:

@@ -63,16 +63,20 @@ def runs_table_html(report: dict, shipped: str | None = None) -> str:
     from diffusion_rl.finetune import FinetuneConfig
 
     default = FinetuneConfig()
-    head = "<tr><th>run</th><th>options (others default)</th><th>iterations</th><th>env steps</th><th>wall time</th><th>k</th>" \
-           "<th>tuning seeds: % of data</th><th>falls</th></tr>"
+    at = report.get("compare_at")
+    head = "<tr><th>run</th><th>options (others default)</th><th>iterations</th><th>env steps</th><th>wall time</th>" \
+           "<th>k</th><th>end: % of data, falls</th>" + (f"<th>after {at} it.: % of data, falls</th>" if at else "") + "</tr>"
     body = []
     for r in report["runs"]:
-        opts = ", ".join(f"{k} = {v}" for k, v in r["config"].items() if getattr(default, k, None) != v and k != "threads") or "defaults"
+        opts = ", ".join(f"{k} = {v}" for k, v in r["config"].items()
+                         if getattr(default, k, None) != v and k not in ("threads", "iterations")) or "defaults"
         t = r["tuning"]
         name = html.escape(r["name"]) + (" (shipped)" if r["name"] == shipped else "")
+        cells = f"<td>{t['normalized']:.1f}%, {t['falls']} / {len(t['returns'])}</td>"
+        if at:
+            cells += f"<td>{r['at']['normalized']:.1f}%, {r['at']['falls']} / {len(r['at']['returns'])}</td>"
         body.append(f"<tr><td>{name}</td><td>{html.escape(opts)}</td><td>{r['iterations']}</td><td>{r['env_steps']:,}</td>"
-                    f"<td>{r['wall_time_s'] / 60:.0f} min</td><td>{t['window']}</td><td>{t['normalized']:.1f}</td>"
-                    f"<td>{t['falls']} / {len(t['returns'])}</td></tr>")
+                    f"<td>{r['wall_time_s'] / 60:.0f} min</td><td>{t['window']}</td>{cells}</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 
