@@ -45,7 +45,7 @@ planners whose undisturbed k = 1 score is at least 98% of the data's (the push s
 
 DEFAULT_CONTROL = {
     "walker2d-h8": {"controller": "fixed", "window": 4, "threshold": None, "ddim_steps": 1, "warm_start": None},
-    "walker2d-h8-dart": {"controller": "fixed", "window": 2, "threshold": None, "ddim_steps": 2, "warm_start": None},
+    "walker2d-h8-dart": {"controller": "fixed", "window": 1, "threshold": None, "ddim_steps": 2, "warm_start": None},
     "walker2d-h8-dppo": {"controller": "fixed", "window": 8, "threshold": None, "ddim_steps": None, "warm_start": None},
 }
 """How ``evaluate`` runs each shipped planner when given no controller options. ``walker2d-h8``: the setting

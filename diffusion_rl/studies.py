@@ -228,7 +228,7 @@ PUSH_AGENTS = (
     Agent("k1-ddpm20", "walker2d-h8", window=1),
     Agent("k2-ddim2", "walker2d-h8", window=2, ddim_steps=2),
     Agent("k4-ddim1", "walker2d-h8", window=4, ddim_steps=1),
-    Agent("dart-k1-ddim2", "walker2d-h8-dart", window=1, ddim_steps=2),
+    Agent("dart-k2-ddim2", "walker2d-h8-dart", window=2, ddim_steps=2),
     Agent("dart-k8-ddpm20", "walker2d-h8-dart", window=8),
 )
 """The push study's agents. A new planner (trained on the DART data set, say, or fine-tuned under pushes) is one
