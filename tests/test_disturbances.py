@@ -115,3 +115,15 @@ def test_the_expert_meets_the_same_pushes_and_a_strong_one_topples_it():
     assert not any(e["fell"] for e in calm) and all(e["length"] == 1000 for e in calm)
     shoved = policy_episodes(actor, [10_000, 10_001], disturbance=Disturbance(push_force=800.0))
     assert all(e["fell"] and e["length"] < 1000 for e in shoved)
+
+
+def test_a_recorded_expert_episode_is_the_same_episode_as_the_batched_one():
+    from diffusion_rl.expert import load_policy, policy_episodes, record_episode
+
+    actor, _ = load_policy()
+    push = Disturbance(push_force=300.0, push_interval=50)
+    batched = policy_episodes(actor, [20_003], disturbance=push)[0]
+    recorded = record_episode(actor, 20_003, push)
+    assert recorded["length"] == batched["length"] and recorded["fell"] == batched["fell"]
+    assert abs(recorded["return"] - batched["return"]) < 1e-6 * max(1.0, abs(batched["return"]))
+    assert recorded["states"].shape == (batched["length"] + 1, 17) and recorded["x"].shape == (batched["length"] + 1,)
