@@ -25,7 +25,7 @@ def plot_push_curves(summary: dict, agents: Sequence[str] | None = None, labels:
     curves = agent_curves(summary)
     agents = list(agents or curves)
     labels = labels or {}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.4))
     for i, agent in enumerate(agents):
         rows = curves[agent]
         f = np.array([s["disturbance"]["push_force"] for s in rows]) + 4 * (i - (len(agents) - 1) / 2)
@@ -41,8 +41,9 @@ def plot_push_curves(summary: dict, agents: Sequence[str] | None = None, labels:
     ax2.set(xlabel="push force (N), 5 steps every 100", ylabel="score, % of the data's return", title="Score")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    handles, names = ax1.get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(names)), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(names) - 1) // 4), 1, 1))
     return fig
 
 
