@@ -254,6 +254,13 @@ def cmd_doctor(args: argparse.Namespace | None) -> int:
     return 0 if run_doctor()["ok"] else 1
 
 
+def _add_disturbance_args(p: argparse.ArgumentParser) -> None:
+    """The Disturbance options (--push-force ...), as one group."""
+    from diffusion_rl.disturbances import Disturbance
+
+    _add_dataclass_args(p.add_argument_group("disturbances (pushes on the torso, shifted dynamics; seeded by each episode's seed)"), Disturbance)
+
+
 def _add_planner_args(p: argparse.ArgumentParser) -> None:
     from diffusion_rl.pretrained import DEFAULT_PLANNER, PRETRAINED
 
@@ -340,9 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=10_000, help="reset seed of the first episode (default: 10000)")
     p.add_argument("--max-steps", type=int, default=1000, help="episode length limit (default: 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from diffusion_rl.disturbances import Disturbance
-
-    _add_dataclass_args(p.add_argument_group("disturbances (pushes on the torso, shifted dynamics; seeded by each episode's seed)"), Disturbance)
+    _add_disturbance_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export-planner", help="export trained runs as the package's planner and score it in closed loop")
@@ -385,9 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: every window unguided and guided, 30 episodes; study: the study's 8 settings x 10 episodes (default: full)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_dataclass_args(p, SweepConfig)
-    from diffusion_rl.disturbances import Disturbance
-
-    _add_dataclass_args(p.add_argument_group("disturbances (pushes on the torso, shifted dynamics; seeded by each episode's seed)"), Disturbance)
+    _add_disturbance_args(p)
     p.set_defaults(func=cmd_sweep)
 
     from diffusion_rl.studies import STUDIES

@@ -413,7 +413,6 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
             std: torch.Tensor, mask: torch.Tensor, cfg: FinetuneConfig, order_gen: torch.Generator, train_actor: bool,
             iteration: int) -> dict:
     """PPO on one iteration's chunks: the clipped objective per (chunk, trained denoising step), then the critic."""
-    from diffusion_rl.training import TrainingError
 
     K = cfg.finetune_steps
     N = len(batch.rewards)
@@ -450,13 +449,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
                     anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * mask).sum((1, 2)).mean()
                     loss = loss + cfg.anchor_coef * anchor
                     anchors.append(float(anchor.detach()))
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"The actor loss became {float(loss.detach())} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
-                                        "Lower --actor-lr or raise --std-floor, then rerun.")
-                actor_opt.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(tuned.parameters(), cfg.max_grad_norm)
-                actor_opt.step()
+                _gradient_step(loss, actor_opt, cfg.max_grad_norm, "actor", "Lower --actor-lr or raise --std-floor", iteration)
                 with torch.no_grad():
                     kls.append(float(((ratio - 1) - log_ratio).mean()))
                     clips.append(float(((ratio - 1).abs() > cfg.clip).float().mean()))
@@ -467,16 +460,23 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
     for _ in range(cfg.update_epochs):
         for idx in torch.randperm(N, generator=order_gen).split(max(1, cfg.minibatch_size // K)):
             loss = 0.5 * (critic(batch.obs[idx]).squeeze(-1) - targets_t[idx]).pow(2).mean()
-            if not torch.isfinite(loss):
-                raise TrainingError(f"The critic loss became {float(loss.detach())} in iteration {iteration + 1}; the checkpoint keeps iteration {iteration}. "
-                                    "Lower --critic-lr or --reward-scale, then rerun.")
-            critic_opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-            critic_opt.step()
+            _gradient_step(loss, critic_opt, cfg.max_grad_norm, "critic", "Lower --critic-lr or --reward-scale", iteration)
             value_losses.append(float(loss.detach()))
     stats["value_loss"] = round(float(np.mean(value_losses)), 5)
     return stats
+
+
+def _gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_norm: float, what: str, hint: str, iteration: int) -> None:
+    """One clipped optimizer step on ``loss``; a non-finite loss stops the run before anything is checkpointed."""
+    from diffusion_rl.training import TrainingError
+
+    if not torch.isfinite(loss):
+        raise TrainingError(f"The {what} loss became {float(loss.detach())} in iteration {iteration + 1}; the checkpoint keeps "
+                            f"iteration {iteration}. {hint}, then rerun.")
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_([q for group in optimizer.param_groups for q in group["params"]], max_norm)
+    optimizer.step()
 
 
 def _check_resume(saved: dict, cfg: FinetuneConfig, base: _Base, path: Path) -> None:

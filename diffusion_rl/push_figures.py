@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["agent_curves", "plot_push_curves", "push_table_html", "push_targets"]
+__all__ = ["agent_curves", "plot_push_curves", "push_table_html", "push_targets", "push_video"]
 
 
 def agent_curves(summary: dict) -> dict[str, list[dict]]:
@@ -75,3 +75,23 @@ def push_targets(summary: dict, notes: dict, agent: str = "default", undisturbed
     if undisturbed is not None:
         rows.append({"target": "undisturbed k = 1: at least 98% of the data's return", "value": undisturbed, "met": undisturbed >= 98})
     return rows
+
+
+def push_video(planner, control: dict, seed: int, force: float, steps: int = 260, every: int = 3):
+    """Side-by-side video of the SAC expert (left) and ``planner`` with ``control`` (right) under the same pushes of ``force``."""
+    from diffusion_rl import expert, video
+    from diffusion_rl.control import controller_from_name
+    from diffusion_rl.disturbances import Disturbance
+    from diffusion_rl.planner import rollout
+
+    push = Disturbance(push_force=force)
+    actor, _ = expert.load_policy()
+    e = expert.record_episode(actor, seed, push, max_steps=steps)
+    ctrl = controller_from_name(control["controller"], window=control["window"], threshold=control["threshold"])
+    p = rollout(planner, [seed], controller=ctrl, ddim_steps=control["ddim_steps"], warm_start=control["warm_start"],
+                max_steps=steps, record=True, disturbance=push)[0]
+    left = video.episode_frames(e["states"], e["x"], every=every)
+    right = video.episode_frames(p.states, p.x, p.plans[..., planner.action_dim:], p.plan_steps, every=every, show_plan_end=False)
+    video.caption_frames(left, f"expert, {force:g} N" + (", falls" if e["fell"] else ""))
+    video.caption_frames(right, "planner" + (", falls" if p.fell else ""))
+    return video.show_video(video.side_by_side(left, right), fps=20)

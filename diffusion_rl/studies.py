@@ -266,10 +266,7 @@ def push_arms(agents: Sequence[Agent], forces: Sequence[float], reference: str =
             if agent.planner is None:
                 arms.append(Arm(name, None, agent=EXPERT, disturbance=disturbance))
                 continue
-            planner, control = agent.planner, {"controller": agent.controller, "window": agent.window, "threshold": agent.threshold,
-                                               "ddim_steps": agent.ddim_steps, "warm_start": agent.warm_start}
-            if planner == DEFAULT:
-                planner, control = default_planner()
+            planner, control = _agent_setting(agent)
             fixed = control["controller"] == "fixed"
             arms.append(Arm(name, control["window"] if fixed else None, ddim_steps=control["ddim_steps"], controller=control["controller"],
                             threshold=control["threshold"], warm_start=control["warm_start"], agent=agent.name,
