@@ -51,11 +51,13 @@ from diffusion_rl.checkpoint import (
     sha256_file,
 )
 from diffusion_rl.diffusion import GaussianDiffusion, condition
+from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import ENV_ID, make_env
+from diffusion_rl.evaluation import score_reference
 from diffusion_rl.models import LevelSplit
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
-__all__ = ["FinetuneConfig", "RESUME_MAY_CHANGE", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "read_curve", "sample_chain"]
+__all__ = ["FinetuneConfig", "LOG_PROBS", "RESUME_MAY_CHANGE", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
 
 
 @dataclass
@@ -82,6 +84,8 @@ class FinetuneConfig:
     """GAE's lambda (DPPO's Gym setting)."""
     denoising_discount: float = 0.99
     """The advantage of the step at level t is scaled by this ** t: noisier steps matter less (DPPO)."""
+    log_prob: str = "plan-sum"
+    """A step's log-density in PPO's ratio: "plan-sum", the exact density of the whole sampled plan; "action-mean", DPPO's, the mean per-dimension log-density of the executed actions (a ratio about 100x gentler, for DPPO's learning rate 1e-4)."""
     clip: float = 0.01
     """PPO's clipped ratio range per denoising step (DPPO's Gym setting: many small steps, each clipped tightly)."""
     actor_lr: float = 3e-6
@@ -96,6 +100,8 @@ class FinetuneConfig:
     """First iterations that train only the critic, so the first advantages are not noise (DPPO)."""
     anchor_coef: float = 0.0
     """Weight of the KL divergence to the pretrained chain's steps (0: none); keeps plans near the data."""
+    max_push: float = 0.0
+    """Train under pushes: each episode draws a torso push of [0, max_push] N, 5 steps every 100 as in the push study (0: undisturbed)."""
     reward_scale: float = 0.01
     """Rewards are multiplied by this for the critic (a chunk of 8 steps earns about 35)."""
     max_grad_norm: float = 1.0
@@ -113,6 +119,9 @@ class FinetuneConfig:
     env_id: str = ENV_ID
     """Gymnasium environment id."""
 
+
+LOG_PROBS = ("plan-sum", "action-mean")
+"""The choices of ``FinetuneConfig.log_prob``."""
 
 RESUME_MAY_CHANGE = frozenset({"iterations", "threads", "snapshot_every"})
 """Options that a resumed run may change: they do not alter the iterations already done."""
@@ -136,6 +145,9 @@ def check_config(cfg: FinetuneConfig, horizon: int | None = None, n_timesteps: i
     for name in ("std_floor", "clip", "actor_lr", "critic_lr", "reward_scale", "max_grad_norm"):
         _positive_finite("--" + name.replace("_", "-"), getattr(cfg, name))
     _positive_finite("--anchor-coef", cfg.anchor_coef, allow_zero=True)
+    _positive_finite("--max-push", cfg.max_push, allow_zero=True)
+    if cfg.log_prob not in LOG_PROBS:
+        raise ValueError(f"--log-prob must be one of {', '.join(LOG_PROBS)}, got {cfg.log_prob!r}.")
     for name in ("gamma", "gae_lambda", "denoising_discount"):
         value = getattr(cfg, name)
         _positive_finite("--" + name.replace("_", "-"), value, allow_zero=True)
@@ -216,9 +228,19 @@ def _free_mask(policy: GaussianDiffusion) -> torch.Tensor:
     return mask
 
 
+def ratio_weights(policy: GaussianDiffusion, log_prob: str, window: int) -> torch.Tensor:
+    """Weights over (H, D) that turn per-dimension log-densities into the one PPO's ratio uses (see ``FinetuneConfig.log_prob``)."""
+    if log_prob == "plan-sum":
+        return _free_mask(policy)
+    weights = torch.zeros(policy.horizon, policy.transition_dim)
+    weights[:window, : policy.action_dim] = 1.0 / (window * policy.action_dim)
+    return weights
+
+
 def step_log_prob(policy: GaussianDiffusion, x_in: torch.Tensor, x_out: torch.Tensor, level: torch.Tensor, std: torch.Tensor,
                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x_out | x_in) of one reverse step per row, up to a constant that cancels in ratios; and the step's mean."""
+    """log p(x_out | x_in) of one reverse step per row, weighted over dimensions by ``mask``, up to a constant that cancels in
+    ratios; and the step's mean."""
     mean, _ = policy.p_mean_log_variance(x_in, level)
     return (-(x_out - mean).pow(2) / (2 * std[:, None, None] ** 2) * mask).sum((1, 2)), mean
 
@@ -240,10 +262,22 @@ class Batch(NamedTuple):
     lengths: np.ndarray  # (E,)
 
 
+_PUSH_STREAM = 0xF17E
+"""Tags the generator of the training pushes, so that it shares no draws with anything else seeded by the episode."""
+
+
+def training_disturbance(cfg: FinetuneConfig, seed: int) -> Disturbance | None:
+    """The push an episode of the run meets: a force drawn from [0, max_push] N by its reset seed (None: undisturbed)."""
+    if cfg.max_push <= 0:
+        return None
+    force = float(np.random.default_rng([int(seed), _PUSH_STREAM]).uniform(0.0, cfg.max_push))
+    return Disturbance(push_force=force)
+
+
 def collect(policy: GaussianDiffusion, obs_normalizer, action_unnormalize, seeds: list[int], cfg: FinetuneConfig,
             generator: torch.Generator) -> Batch:
     """Run one whole episode per seed, all at once, executing k planned actions per plan."""
-    envs = [make_env(cfg.env_id, max_episode_steps=cfg.max_episode_steps) for _ in seeds]
+    envs = [make_env(cfg.env_id, max_episode_steps=cfg.max_episode_steps, disturbance=training_disturbance(cfg, s)) for s in seeds]
     obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)]).astype(np.float32)
     rows: list[tuple] = []
     E = len(seeds)
@@ -358,8 +392,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = T
     from diffusion_rl.planner import Planner
 
     helper = Planner(base.diffusion, base.normalizer)  # its normalizers, for states in and actions out
-    mask = _free_mask(policy)
-    data_return = base.meta["dataset"]["mean_return"]
+    mask = ratio_weights(policy, cfg.log_prob, cfg.window)
+    data_return = score_reference(base.meta)["mean_return"]
     std = torch.tensor([step_std(policy, level, cfg.std_floor) for level in range(K)])
 
     def unnormalize_actions(plans: torch.Tensor) -> np.ndarray:
@@ -434,6 +468,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
         with torch.no_grad():
             old = torch.cat([step_log_prob(policy, x_in[i], x_out[i], levels[i], pair_std[i], mask)[0]
                              for i in torch.arange(len(levels)).split(cfg.minibatch_size)])
+        free = _free_mask(policy)  # the anchor is a KL over the whole step, whatever the ratio weighs
         tuned.train()
         kls, clips, anchors = [], [], []
         for _ in range(cfg.update_epochs):
@@ -446,7 +481,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
                 if cfg.anchor_coef > 0:
                     with torch.no_grad():
                         ref_mean, _ = reference.p_mean_log_variance(x_in[idx], levels[idx])
-                    anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * mask).sum((1, 2)).mean()
+                    anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * free).sum((1, 2)).mean()
                     loss = loss + cfg.anchor_coef * anchor
                     anchors.append(float(anchor.detach()))
                 _gradient_step(loss, actor_opt, cfg.max_grad_norm, "actor", "Lower --actor-lr or raise --std-floor", iteration)
@@ -482,9 +517,11 @@ def _gradient_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_nor
 def _check_resume(saved: dict, cfg: FinetuneConfig, base: _Base, path: Path) -> None:
     """Refuse to resume with options or a base planner that would break exact resume."""
     old = saved["config"]
-    changed = [f.name for f in fields(cfg) if f.name not in RESUME_MAY_CHANGE and old.get(f.name) != getattr(cfg, f.name)]
+    # An option added after the run was written has its default there.
+    was = {f.name: old.get(f.name, f.default) for f in fields(cfg)}
+    changed = [n for n in was if n not in RESUME_MAY_CHANGE and was[n] != getattr(cfg, n)]
     if changed:
-        what = "; ".join(f"--{n.replace('_', '-')} was {old.get(n)!r}, now {getattr(cfg, n)!r}" for n in changed)
+        what = "; ".join(f"--{n.replace('_', '-')} was {was[n]!r}, now {getattr(cfg, n)!r}" for n in changed)
         raise CheckpointError(f"{path} was written with other options ({what}): rerun with the same options, or use another --run-dir.")
     if saved["base_sha256"] != base.sha256:
         raise CheckpointError(f"{path} was fine-tuned from a base planner with SHA-256 {saved['base_sha256'][:12]}..., but {base.path.name} "
@@ -520,7 +557,7 @@ def planner_from_run(run_dir: str | os.PathLike, snapshot: int | None = None, wi
     from safetensors.torch import load_file
 
     from diffusion_rl.planner import Planner
-    from diffusion_rl.pretrained import asset_path, load_network
+    from diffusion_rl.pretrained import PRETRAINED, asset_path, load_network
 
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / "checkpoint.pt", kind="finetune")
@@ -537,7 +574,7 @@ def planner_from_run(run_dir: str | os.PathLike, snapshot: int | None = None, wi
             kept = sorted(int(p.stem[5:]) for p in (run_dir / "snapshots").glob("iter-*.safetensors"))
             raise CheckpointError(f"{run_dir} has no snapshot after iteration {snapshot}; it keeps {kept}.")
         policy.model.tuned.load_state_dict(load_file(str(path)))
-    value = load_network(asset_path(cfg.planner, "value"))[0] if with_value else None
+    value = load_network(asset_path(cfg.planner, "value"))[0] if with_value and "value" in PRETRAINED[cfg.planner] else None
     meta = {**base.meta, "finetune": {"run": run_dir.name, "iteration": snapshot or int(state["iteration"])}}
     return Planner(policy, base.normalizer, value, meta)
 
@@ -552,7 +589,7 @@ def score_on_seeds(planner, seeds: Sequence[int], window: int) -> dict:
 
     results = rollout(planner, list(seeds), window=window)
     returns = np.array([r.total_return for r in results])
-    data = planner.meta["dataset"]["mean_return"]
+    data = score_reference(planner.meta)["mean_return"]
     return {"window": window, "seeds": [int(seeds[0]), int(seeds[-1])], "normalized": round(100 * float(returns.mean()) / data, 2),
             "falls": int(sum(r.fell for r in results)), "returns": [round(float(x), 2) for x in returns]}
 
@@ -567,28 +604,36 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    report = {"seeds": [int(seeds[0]), int(seeds[-1])], "compare_at": compare_at, "runs": [], "snapshots": []}
+    report = {"seeds": [int(seeds[0]), int(seeds[-1])], "compare_at": compare_at, "snapshots_of": snapshots_of, "runs": [],
+              "snapshots": []}
+    # Scores already in runs.json are reused for a run whose checkpoint is unchanged (scoring is deterministic).
+    known = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else {}
+    if known.get("seeds") != report["seeds"]:
+        known = {}
     for run in tqdm(run_dirs, desc="runs", disable=not progress):
         run = Path(run)
         state = load_checkpoint(run / "checkpoint.pt", kind="finetune")
         cfg = FinetuneConfig(**state["config"])
         curve = json.loads(state["curve"])
         entry = {"name": run.name, "command": finetune_command(cfg, f"runs/{run.name}"), "config": state["config"],
-                 "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
-                 "tuning": score_on_seeds(planner_from_run(run, with_value=False), seeds, cfg.window)}
+                 "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1)}
+        same = next((r for r in known.get("runs", []) if {k: r.get(k) for k in entry} == entry), None)
+        entry["tuning"] = same["tuning"] if same else score_on_seeds(planner_from_run(run, with_value=False), seeds, cfg.window)
         if compare_at is not None:
-            entry["at"] = {"iteration": compare_at,
-                           **score_on_seeds(planner_from_run(run, compare_at, with_value=False), seeds, cfg.window)}
+            entry["at"] = same["at"] if same and same.get("at", {}).get("iteration") == compare_at else {
+                "iteration": compare_at, **score_on_seeds(planner_from_run(run, compare_at, with_value=False), seeds, cfg.window)}
         report["runs"].append(entry)
         write_curve(out / run.name / "curve.csv", curve)
         if run.name == snapshots_of:
             from diffusion_rl.pretrained import load
 
+            scored = {s["iteration"]: s for s in known.get("snapshots", [])} if same and known.get("snapshots_of") == run.name else {}
             base = load(cfg.planner, device="cpu", with_value=False)
-            report["snapshots"].append({"iteration": 0, **score_on_seeds(base, seeds, cfg.window)})
+            report["snapshots"].append(scored.get(0) or {"iteration": 0, **score_on_seeds(base, seeds, cfg.window)})
             kept = sorted(int(p.stem[5:]) for p in (run / "snapshots").glob("iter-*.safetensors"))
             for it in tqdm(kept, desc="snapshots", disable=not progress, leave=False):
-                report["snapshots"].append({"iteration": it, **score_on_seeds(planner_from_run(run, it, with_value=False), seeds, cfg.window)})
+                report["snapshots"].append(scored.get(it) or {
+                    "iteration": it, **score_on_seeds(planner_from_run(run, it, with_value=False), seeds, cfg.window)})
     atomic_write_json(out / "runs.json", report)
     return report
 
@@ -649,7 +694,7 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
     path = out / f"{name}-diffuser.safetensors"
     atomic_write_bytes(path, st_save(tensors))
     curve = json.loads(state["curve"])
-    keep = ("file", "kind", "config", "dataset", "dataset_id", "action_dim", "transition_dim", "normalizer_kind")
+    keep = ("file", "kind", "config", "dataset", "dataset_id", "reference", "action_dim", "transition_dim", "normalizer_kind")
     meta = {
         **{k: base.meta[k] for k in keep if k in base.meta},
         "file": path.name,

@@ -89,6 +89,9 @@ def test_resuming_with_changed_options_names_both_values(run, tmp_path, capsys):
     ("--std-floor", "nan", "--std-floor must be"),
     ("--gamma", "1.5", "--gamma must be in [0, 1]"),
     ("--anchor-coef", "nan", "--anchor-coef must be"),
+    ("--max-push", "-1", "--max-push must be a finite number >= 0"),
+    ("--max-push", "nan", "--max-push must be"),
+    ("--log-prob", "plan-mean", "--log-prob must be one of plan-sum, action-mean"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, says):
     out = tmp_path / "run"
@@ -124,6 +127,49 @@ def test_step_log_prob_is_the_gaussian_density_up_to_a_constant():
     constant = (mask * (torch.log(std[:, None, None]) + 0.5 * math.log(2 * math.pi))).sum((1, 2))
     torch.testing.assert_close(logp - constant, (exact * mask).sum((1, 2)))
     assert mask[0, 6:].sum() == 0 and mask.sum() == 8 * 23 - 17, "the conditioned first state is written, not drawn"
+
+
+def test_the_action_mean_ratio_averages_the_executed_actions_only():
+    diffusion = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    assert torch.equal(ft.ratio_weights(diffusion, "plan-sum", 4), ft._free_mask(diffusion)), "plan-sum: the exact density"
+    w = ft.ratio_weights(diffusion, "action-mean", 3)
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-6), "a mean, so a step's ratio does not grow with its dimensions"
+    assert torch.all(w[:3, :6] > 0) and w[3:].sum() == 0 and w[:, 6:].sum() == 0, "the executed actions, nothing else"
+    g = torch.Generator().manual_seed(1)
+    x_in, x_out = torch.randn(4, 8, 23, generator=g), torch.randn(4, 8, 23, generator=g)
+    level, std = torch.tensor([0, 1, 2, 3]), torch.full((4,), 0.1)
+    logp, mean = ft.step_log_prob(diffusion, x_in, x_out, level, std, w)
+    per_dim = -(x_out - mean).pow(2) / (2 * 0.01)
+    torch.testing.assert_close(logp, per_dim[:, :3, :6].mean((1, 2)))
+
+
+def test_training_pushes_are_drawn_per_episode_from_its_seed():
+    calm = ft.FinetuneConfig()
+    assert ft.training_disturbance(calm, 30_000) is None, "max_push 0 trains undisturbed, as the study"
+    cfg = replace(calm, max_push=300.0)
+    pushes = [ft.training_disturbance(cfg, s) for s in range(30_000, 30_040)]
+    forces = [d.push_force for d in pushes]
+    assert all(0 <= f <= 300 for f in forces) and len(set(forces)) == len(forces)
+    assert min(forces) < 100 and max(forces) > 200, "the forces span the range"
+    assert ft.training_disturbance(cfg, 30_007) == pushes[7], "the same seed meets the same push on a resume"
+    assert pushes[0].push_duration == 5 and pushes[0].push_interval == 100, "the push study's pushes"
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_with_its_default(run, tmp_path):
+    import shutil
+
+    from diffusion_rl.checkpoint import save_checkpoint
+
+    copy = tmp_path / "old"
+    shutil.copytree(run, copy)
+    state = load_checkpoint(copy / "checkpoint.pt", kind="finetune")
+    for name in ("max_push", "log_prob"):
+        del state["config"][name]
+    save_checkpoint(copy / "checkpoint.pt", state)
+    ft.finetune(replace(TINY, iterations=4), copy, progress=False)
+    assert [r["iteration"] for r in ft.read_curve(copy)] == [1, 2, 3, 4]
+    with pytest.raises(CheckpointError, match="--max-push was 0.0, now 100.0"):
+        ft.finetune(replace(TINY, iterations=5, max_push=100.0), copy, progress=False)
 
 
 def test_the_trained_steps_have_a_floor_and_the_last_step_gets_noise():
@@ -230,3 +276,20 @@ def test_evaluate_lists_and_runs_the_fine_tuned_planner(capsys):
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"):])
     assert summary["episodes"] == 1 and summary["window"] == 8 and summary["env_steps"] > 0
+
+
+def test_the_runs_report_reuses_the_scores_of_an_unchanged_run(run, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_score(planner, seeds, window):
+        calls.append(planner.meta.get("finetune", {}).get("iteration", 0))
+        return {"window": window, "seeds": [seeds[0], seeds[-1]], "normalized": 50.0 + len(calls), "falls": 0, "returns": [1.0]}
+
+    monkeypatch.setattr(ft, "score_on_seeds", fake_score)
+    first = ft.report_runs([run], tmp_path, snapshots_of=run.name, seeds=[20_000], progress=False)
+    assert [s["iteration"] for s in first["snapshots"]] == [0, 2] and first["snapshots_of"] == run.name
+    assert len(calls) == 3, "the run's end, the pretrained planner and one snapshot"
+    assert ft.report_runs([run], tmp_path, snapshots_of=run.name, seeds=[20_000], progress=False) == first
+    assert len(calls) == 3, "an unchanged run is not scored again"
+    ft.report_runs([run], tmp_path, snapshots_of=run.name, seeds=[20_001], progress=False)
+    assert len(calls) == 6, "other seeds: nothing to reuse"
