@@ -30,6 +30,7 @@ PRETRAINED = {
     "walker2d-h8": {"diffuser": "walker2d-h8-diffuser.safetensors", "value": "walker2d-h8-value.safetensors"},
     "walker2d-h8-dart": {"diffuser": "walker2d-h8-dart-diffuser.safetensors"},
     "walker2d-h8-dppo": {"diffuser": "walker2d-h8-dppo-diffuser.safetensors", "value": "walker2d-h8-value.safetensors"},
+    "walker2d-h8-dart-push": {"diffuser": "walker2d-h8-dart-push-diffuser.safetensors"},
 }
 """Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``.
 
@@ -37,7 +38,8 @@ PRETRAINED = {
 ``walker2d-h8-dart`` from episodes where the expert's executed actions were noisy and the walker was
 pushed, while the recorded actions stayed the expert's clean ones (``make-dataset --recipe expert-dart``);
 ``walker2d-h8-dppo`` is ``walker2d-h8`` with its last 10 denoising steps fine-tuned by PPO on the reward of
-whole 8-step plans (``python -m diffusion_rl finetune``), sharing its value network."""
+whole 8-step plans (``python -m diffusion_rl finetune``), sharing its value network; ``walker2d-h8-dart-push`` is
+``walker2d-h8-dart`` fine-tuned the same way while random pushes shove the walker (``finetune --max-push 300``)."""
 
 DEFAULT_PLANNER = "walker2d-h8-dart"
 """What ``load()`` and ``evaluate`` use when no planner is named: the most robust to pushes among the shipped
@@ -47,11 +49,12 @@ DEFAULT_CONTROL = {
     "walker2d-h8": {"controller": "fixed", "window": 4, "threshold": None, "ddim_steps": 1, "warm_start": None},
     "walker2d-h8-dart": {"controller": "fixed", "window": 1, "threshold": None, "ddim_steps": 2, "warm_start": None},
     "walker2d-h8-dppo": {"controller": "fixed", "window": 8, "threshold": None, "ddim_steps": None, "warm_start": None},
+    "walker2d-h8-dart-push": {"controller": "fixed", "window": 8, "threshold": None, "ddim_steps": None, "warm_start": None},
 }
 """How ``evaluate`` runs each shipped planner when given no controller options. ``walker2d-h8``: the setting
 the control study chose on its tuning seeds (``diffusion_rl/assets/control_study/summary.json``, notes.default);
 ``walker2d-h8-dart``: the push study's choice on its tuning seeds (``push_study/summary.json``, notes.default);
-``walker2d-h8-dppo``: whole plans, the window it was fine-tuned for."""
+``walker2d-h8-dppo`` and ``walker2d-h8-dart-push``: whole plans, the window they were fine-tuned for."""
 
 INVERSE_DYNAMICS = {"walker2d": "walker2d-inverse-dynamics.safetensors"}
 """Shipped inverse-dynamics models a = f(s, s') by name (``python -m diffusion_rl train-inverse-dynamics``)."""

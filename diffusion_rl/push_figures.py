@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["agent_curves", "plot_push_curves", "push_table_html", "push_targets", "push_video"]
+__all__ = ["agent_curves", "pair_table_html", "paired_by_force", "plot_push_curves", "push_table_html", "push_targets", "push_video"]
 
 
 def agent_curves(summary: dict) -> dict[str, list[dict]]:
@@ -58,6 +58,36 @@ def push_table_html(summary: dict, agents: Sequence[str] | None = None, labels: 
     for agent in agents:
         cells = "".join(f"<td>{s['falls']}/{s['episodes']} · {s['normalized']['mean']:.0f}%</td>" for s in curves[agent])
         body.append(f"<tr><td>{html.escape(labels.get(agent, agent))}</td>{cells}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def paired_by_force(summary: dict, baseline: str, treatment: str) -> list[dict]:
+    """The summary's paired comparisons of agent ``treatment`` against ``baseline``, one per push force, sorted by force."""
+    curves = agent_curves(summary)
+    by = {a: {s["name"]: s for s in curves[a]} for a in (baseline, treatment)}
+    out = []
+    for c in summary["comparisons"]:
+        if c["baseline"] in by[baseline] and c["treatment"] in by[treatment]:
+            b, t = by[baseline][c["baseline"]], by[treatment][c["treatment"]]
+            if b["disturbance"] == t["disturbance"]:
+                out.append({"force": b["disturbance"]["push_force"], "baseline": b, "treatment": t, "fell": c["fell"],
+                            "normalized": c["normalized"]})
+    if not out:
+        raise ValueError(f"The summary pairs no arms of {treatment!r} with {baseline!r}.")
+    return sorted(out, key=lambda r: r["force"])
+
+
+def pair_table_html(summary: dict, baseline: str, treatment: str) -> str:
+    """Per push force: the two agents' falls, and the paired differences (treatment - baseline) with 95% intervals."""
+    head = ("<tr><th>push</th><th>falls before</th><th>falls after</th><th>fall rate, after - before (points)</th>"
+            "<th>score, after - before (points)</th></tr>")
+    body = []
+    for r in paired_by_force(summary, baseline, treatment):
+        fell, score = r["fell"], r["normalized"]
+        body.append(f"<tr><td>{r['force']:g} N</td><td>{r['baseline']['falls']}/{r['baseline']['episodes']}</td>"
+                    f"<td>{r['treatment']['falls']}/{r['treatment']['episodes']}</td>"
+                    f"<td>{100 * fell['mean']:+.0f} [{100 * fell['ci95'][0]:+.0f}, {100 * fell['ci95'][1]:+.0f}]</td>"
+                    f"<td>{score['mean']:+.1f} [{score['ci95'][0]:+.1f}, {score['ci95'][1]:+.1f}]</td></tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 

@@ -40,7 +40,7 @@ from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.experiment import EXPERT, Arm, Comparison, load_rows, run_experiment, shipped_planner
 from diffusion_rl.planner import Planner
 
-__all__ = ["EVAL_SEEDS", "PUSH_AGENTS", "PUSH_FORCES", "STUDIES", "TUNING_SEEDS", "Agent", "choose_default", "choose_push_default", "control_study",
+__all__ = ["EVAL_SEEDS", "PUSH_AGENTS", "PUSH_FORCES", "PUSH_PAIRS", "STUDIES", "TUNING_SEEDS", "Agent", "choose_default", "choose_push_default", "control_study",
            "expert_forces", "load_study", "push_arms", "push_study", "run_study", "sampler_study", "setting_name"]
 
 EVAL_SEEDS = list(range(10_000, 10_030))
@@ -228,11 +228,19 @@ PUSH_AGENTS = (
     Agent("k1-ddpm20", "walker2d-h8", window=1),
     Agent("k2-ddim2", "walker2d-h8", window=2, ddim_steps=2),
     Agent("k4-ddim1", "walker2d-h8", window=4, ddim_steps=1),
+    Agent("dart-k1-ddim2", "walker2d-h8-dart", window=1, ddim_steps=2),
     Agent("dart-k2-ddim2", "walker2d-h8-dart", window=2, ddim_steps=2),
     Agent("dart-k8-ddpm20", "walker2d-h8-dart", window=8),
+    # Agent("dppo-k8-ddpm20", "walker2d-h8-dppo", window=8),
+    Agent("dart-push-k8-ddpm20", "walker2d-h8-dart-push", window=8),
+    Agent("dart-push-k1-ddim2", "walker2d-h8-dart-push", window=1, ddim_steps=2),
 )
-"""The push study's agents. A new planner (trained on the DART data set, say, or fine-tuned under pushes) is one
-more line here, naming its shipped planner: ``Agent("dart-k1-ddpm20", "walker2d-h8-dart", window=1)``."""
+"""The push study's agents. A new planner is one more line here, naming its shipped planner:
+``Agent("dart-k1-ddpm20", "walker2d-h8-dart", window=1)``."""
+
+PUSH_PAIRS = (("dart-k8-ddpm20", "dart-push-k8-ddpm20"), ("dart-k1-ddim2", "dart-push-k1-ddim2"))
+"""Paired comparisons between planner agents at every force (baseline, treatment), besides each against the expert:
+here, the DART planner before and after fine-tuning under pushes, at the window it was tuned for and at the default's."""
 
 
 def default_planner() -> tuple[str, dict]:
@@ -244,8 +252,9 @@ def default_planner() -> tuple[str, dict]:
 
 
 def push_arms(agents: Sequence[Agent], forces: Sequence[float], reference: str = REFERENCE_PLANNER,
-              push: Disturbance = PUSH) -> tuple[list[Arm], list[Comparison]]:
-    """One arm per (agent, force), named ``<agent>-push<force>``, and each planner's paired comparison with the expert at each force.
+              push: Disturbance = PUSH, pairs: Sequence[tuple[str, str]] = PUSH_PAIRS) -> tuple[list[Arm], list[Comparison]]:
+    """One arm per (agent, force), named ``<agent>-push<force>``, and each planner's paired comparison with the expert at each
+    force, and of each of ``pairs`` (baseline and treatment agents) whose agents are both there.
 
     Each arm meets ``push`` with its force; an arm's ``planner`` is None where the agent's planner is ``reference``
     (the run's own planner), else its name.
@@ -273,6 +282,7 @@ def push_arms(agents: Sequence[Agent], forces: Sequence[float], reference: str =
                             planner=None if planner == reference else planner, disturbance=disturbance))
     if EXPERT in names:
         comparisons = [Comparison(f"{EXPERT}-push{f:g}", f"{a.name}-push{f:g}") for a in agents if a.name != EXPERT for f in forces]
+    comparisons += [Comparison(f"{b}-push{f:g}", f"{t}-push{f:g}") for b, t in pairs if b in names and t in names for f in forces]
     return arms, comparisons
 
 

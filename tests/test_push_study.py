@@ -78,7 +78,9 @@ def test_rows_summary_and_record(finished):
     for s in settings.values():
         assert set(s["normalized"]) == {"mean", "ci95"} and len(s["fall_rate"]["ci95"]) == 2  # bootstrap, Wilson
     pairs = {(c["baseline"], c["treatment"]) for c in summary["comparisons"]}
-    assert pairs == {(f"expert-push{f:g}", f"{a.name}-push{f:g}") for a in AGENTS[1:] for f in FORCES}
+    against_expert = {(f"expert-push{f:g}", f"{a.name}-push{f:g}") for a in AGENTS[1:] for f in FORCES}
+    between = {(f"{b}-push{f:g}", f"{t}-push{f:g}") for b, t in studies.PUSH_PAIRS for f in FORCES}
+    assert between and pairs == against_expert | between
     assert all({"normalized", "fell"} <= set(c) for c in summary["comparisons"])
     assert set(summary["notes"]["expert_forces"]["expert_fall_rate"]) == {"0", "300"}
     record = json.loads((out / "record.json").read_text())
@@ -88,6 +90,19 @@ def test_rows_summary_and_record(finished):
     assert record["spec"]["planners"] == {name: {"source": {"planner": name}} for name in others}
     assert (out / "tuning" / "summary.json").exists() and {int(r["seed"]) for r in read_rows(out / "tuning")} == set(TUNING)
     assert experiment.load_rows(out)[0]["agent"] == "expert"
+
+
+def test_paired_agents_are_compared_at_every_force(finished):
+    from diffusion_rl import push_figures
+
+    _, summary = finished
+    for baseline, treatment in studies.PUSH_PAIRS:
+        rows = push_figures.paired_by_force(summary, baseline, treatment)
+        assert [r["force"] for r in rows] == list(FORCES)
+        assert all(r["baseline"]["agent"] == baseline and r["treatment"]["agent"] == treatment for r in rows)
+        assert push_figures.pair_table_html(summary, baseline, treatment).count("<tr>") == len(FORCES) + 1
+    with pytest.raises(ValueError, match="pairs no arms"):
+        push_figures.paired_by_force(summary, "k1-ddpm20", "expert")
 
 
 def test_expert_rows_are_its_policy_episodes(finished):
