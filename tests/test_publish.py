@@ -274,3 +274,27 @@ def test_printed_folders_name_no_machine_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(Path.home())
     assert display_path(outside) == "$TMPDIR/diffuser-live-abc"
     assert not list(machine_traces(display_path(outside)))
+
+
+def test_clean_notebooks_keeps_only_the_outputs_nbval_checks(tmp_path):
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("clean_notebooks", Path(__file__).parents[1] / "tools" / "clean_notebooks.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    nb = nbformat.v4.new_notebook()
+    for tags in (["nbval-check-output"], []):
+        cell = nbformat.v4.new_code_cell("print(1)", metadata={"tags": tags}, execution_count=7)
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n"),
+                        nbformat.v4.new_output("display_data", data={"text/plain": "a figure"})]
+        nb.cells.append(cell)
+    nb.metadata["widgets"] = {"state": "a saved slider"}
+    path = tmp_path / "chapter.ipynb"
+    nbformat.write(nb, path)
+    tool.clean(path)
+    kept, stripped = nbformat.read(path, as_version=4).cells
+    assert [o["output_type"] for o in kept.outputs] == ["stream"] and kept.execution_count == 1
+    assert stripped.outputs == [] and stripped.execution_count is None
+    assert "widgets" not in nbformat.read(path, as_version=4).metadata

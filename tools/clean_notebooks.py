@@ -1,7 +1,7 @@
 """Strip outputs from the book's notebooks before committing, except cells checked by nbval.
 
-Cells whose first line is ``# NBVAL_CHECK_OUTPUT`` keep their (small, deterministic) output so
-that ``pytest --nbval-lax`` has something to compare against. Usage:
+Cells tagged ``nbval-check-output`` keep their (small, deterministic) output so that
+``pytest --nbval-lax`` has something to compare against. Usage:
 
     python tools/clean_notebooks.py book/*.ipynb            # strip in place
     python tools/clean_notebooks.py --execute book/02_data.ipynb   # run first, then strip
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-MARK = "# NBVAL_CHECK_OUTPUT"
+TAG = "nbval-check-output"
 
 
 def clean(path: Path) -> None:
@@ -23,7 +23,7 @@ def clean(path: Path) -> None:
         if cell["cell_type"] != "code":
             continue
         cell["metadata"] = {k: v for k, v in cell.get("metadata", {}).items() if k in ("tags",)}
-        keep = "".join(cell["source"]).lstrip().startswith(MARK)
+        keep = TAG in cell["metadata"].get("tags", [])
         if keep:
             count += 1
             cell["execution_count"] = count
