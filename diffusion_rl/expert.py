@@ -566,7 +566,7 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
         "act_dim": act_dim,
         "hidden": cfg.hidden,
         "command": command or portable_command(sys.argv[1:], program=Path(sys.argv[0]).name),
-        "train_command": _train_command(cfg),
+        "train_command": _train_command(cfg, f"runs/{Path(checkpoint_path).resolve().parent.name}"),
         "seed": cfg.seed,
         "env_steps": int(state["step"]),
         "wall_time_s": round(float(state["wall_time"]), 1),
@@ -581,11 +581,11 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
     return sidecar
 
 
-def _train_command(cfg: SACConfig) -> str:
+def _train_command(cfg: SACConfig, run_dir: str = "runs/expert-sac") -> str:
     """The train-expert command line that reproduces ``cfg`` (options that differ from the defaults)."""
     default = SACConfig()
     opts = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(default, k) or k == "seed"]
-    return "python -m diffusion_rl train-expert --run-dir runs/expert-sac " + " ".join(opts)
+    return f"python -m diffusion_rl train-expert --run-dir {run_dir} " + " ".join(opts)
 
 
 def load_policy(path: str | os.PathLike | None = None) -> tuple[Actor, dict]:
