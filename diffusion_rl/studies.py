@@ -228,19 +228,23 @@ PUSH_AGENTS = (
     Agent("k1-ddpm20", "walker2d-h8", window=1),
     Agent("k2-ddim2", "walker2d-h8", window=2, ddim_steps=2),
     Agent("k4-ddim1", "walker2d-h8", window=4, ddim_steps=1),
+    Agent("se0.2-ddim1", "walker2d-h8", controller="state-error", threshold=0.2, ddim_steps=1),
     Agent("dart-k1-ddim2", "walker2d-h8-dart", window=1, ddim_steps=2),
     Agent("dart-k2-ddim2", "walker2d-h8-dart", window=2, ddim_steps=2),
     Agent("dart-k8-ddpm20", "walker2d-h8-dart", window=8),
-    # Agent("dppo-k8-ddpm20", "walker2d-h8-dppo", window=8),
+    Agent("dart-se0.2-ddim2", "walker2d-h8-dart", controller="state-error", threshold=0.2, ddim_steps=2),
+    Agent("dppo-k8-ddpm20", "walker2d-h8-dppo", window=8),
     Agent("dart-push-k8-ddpm20", "walker2d-h8-dart-push", window=8),
     Agent("dart-push-k1-ddim2", "walker2d-h8-dart-push", window=1, ddim_steps=2),
 )
 """The push study's agents. A new planner is one more line here, naming its shipped planner:
 ``Agent("dart-k1-ddpm20", "walker2d-h8-dart", window=1)``."""
 
-PUSH_PAIRS = (("dart-k8-ddpm20", "dart-push-k8-ddpm20"), ("dart-k1-ddim2", "dart-push-k1-ddim2"))
+PUSH_PAIRS = (("dart-k8-ddpm20", "dart-push-k8-ddpm20"), ("dart-k1-ddim2", "dart-push-k1-ddim2"),
+              ("dart-k1-ddim2", "dart-se0.2-ddim2"))
 """Paired comparisons between planner agents at every force (baseline, treatment), besides each against the expert:
-here, the DART planner before and after fine-tuning under pushes, at the window it was tuned for and at the default's."""
+the DART planner before and after fine-tuning under pushes, at the window it was tuned for and at the default's; and
+replanning every step against replanning when the walker leaves the plan (a push moves it off at once)."""
 
 
 def default_planner() -> tuple[str, dict]:
