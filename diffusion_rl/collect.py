@@ -340,7 +340,9 @@ def make_dataset(
         if policy is None:
             from diffusion_rl.expert import load_policy
 
-            actor, policy_meta = load_policy(policy_path)
+            from diffusion_rl.expert import shipped_policy_path
+
+            actor, policy_meta = load_policy(policy_path or shipped_policy_path(rec.policy))
             behaviour = rec.behaviour(actor, recipe_options)
         else:
             behaviour = replace(rec.behaviour(None, recipe_options), policy=policy)  # the expert recipe, another policy
@@ -355,12 +357,20 @@ def make_dataset(
                                         disturb=behaviour.disturb)
         returns = np.array([ep.rewards.sum() for ep in episodes])
         meta = policy_meta or {}
-        ref_max = meta.get("eval_stochastic", {}).get("mean")
+        reference = meta
+        if policy is None and policy_path is None and rec.policy != "expert":
+            from diffusion_rl.expert import load_policy, shipped_policy_path
+
+            reference = load_policy(shipped_policy_path("expert"))[1]  # every data set is scored against the expert
+        ref_max = reference.get("eval_stochastic", {}).get("mean")
         command = "python -m diffusion_rl make-dataset" + ("" if recipe == "expert" else f" --recipe {recipe}")
+        who = "SAC expert" if rec.policy == "expert" else f"SAC {rec.policy} policy"
         description = (
-            f"Walker2d-v5 episodes from the diffusion_rl SAC expert, {behaviour.actions}, reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
+            f"Walker2d-v5 episodes from the diffusion_rl {who}, {behaviour.actions}, reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
             f"Policy sha256 {meta.get('sha256', 'n/a')}, deterministic eval return "
-            f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic {ref_max if ref_max is not None else float('nan'):.1f}. "
+            f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic "
+            f"{meta.get('eval_stochastic', {}).get('mean', float('nan')):.1f}"
+            f"{'' if reference is meta else f'; scores are referenced to the expert, stochastic {ref_max:.1f}'}. "
             f"Built by `{command}`. Not the official Minari mujoco/walker2d/expert-v0."
         )
 

@@ -49,6 +49,7 @@ __all__ = [
     "load_policy",
     "policy_episodes",
     "record_episode",
+    "SHIPPED_POLICIES",
     "shipped_policy_path",
     "train_sac",
 ]
@@ -534,9 +535,15 @@ def _write_curve(path: Path, history: list[dict]) -> None:
 ASSETS = Path(__file__).parent / "assets"
 
 
-def shipped_policy_path() -> Path:
-    """Where the package's expert policy weights live."""
-    return ASSETS / "expert-walker2d-sac.safetensors"
+SHIPPED_POLICIES = ("expert", "medium")
+"""The SAC policies the package ships: the expert (1M steps) and the medium policy (the same run stopped at 100k)."""
+
+
+def shipped_policy_path(name: str = "expert") -> Path:
+    """Where the package's policy ``name`` (expert or medium) lives."""
+    if name not in SHIPPED_POLICIES:
+        raise ValueError(f"No shipped policy named {name!r}; choose from {', '.join(SHIPPED_POLICIES)}.")
+    return ASSETS / f"{name}-walker2d-sac.safetensors"
 
 
 def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | None = None, command: str | None = None) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 from diffusion_rl.data import DEFAULT_DATASET_ID
 from diffusion_rl.disturbances import Disturbance
 
-__all__ = ["RECIPES", "Behaviour", "DartOptions", "NoOptions", "Recipe", "dart_behaviour", "expert_behaviour", "get_recipe"]
+__all__ = ["RECIPES", "Behaviour", "DartOptions", "NoOptions", "Recipe", "dart_behaviour", "expert_behaviour", "get_recipe", "medium_behaviour"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,13 @@ def expert_behaviour(actor, options: NoOptions) -> Behaviour:
                      "actions sampled stochastically (tanh-Gaussian, per-episode noise seeded by the reset seed)", {})
 
 
+def medium_behaviour(actor, options: NoOptions) -> Behaviour:
+    """The medium policy's stochastic actions, executed and recorded (D4RL's "medium" data)."""
+    expert = expert_behaviour(actor, options)
+    return Behaviour(expert.policy, None, "SAC medium policy (diffusion_rl.expert, stopped at 100k steps), stochastic actions",
+                     expert.actions, {"recipe": "medium"})
+
+
 _PUSH_STREAM = 0xDA27
 """Tags the pushes' generator so it never shares draws with the action noise (seeded by the bare reset seed)."""
 
@@ -135,6 +142,8 @@ class Recipe:
     """(expert actor, options) -> :class:`Behaviour`."""
     options: type = NoOptions
     """Its options dataclass (validates them)."""
+    policy: str = "expert"
+    """Which shipped SAC policy acts (:data:`diffusion_rl.expert.SHIPPED_POLICIES`)."""
     summary: str = ""
     """One line for ``--help``."""
 
@@ -152,6 +161,8 @@ RECIPES = {r.name: r for r in [
     Recipe("expert", DEFAULT_DATASET_ID, expert_behaviour, summary="the expert's stochastic episodes"),
     Recipe("expert-dart", "walker2d/local-expert-dart-v0", dart_behaviour, DartOptions,
            summary="DART: noisy executed actions under random pushes, the expert's clean actions recorded"),
+    Recipe("medium", "walker2d/local-medium-v0", medium_behaviour, policy="medium",
+           summary="the medium policy's stochastic episodes (D4RL's medium)"),
 ]}
 """Every data recipe by name."""
 

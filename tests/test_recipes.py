@@ -129,3 +129,23 @@ def test_bad_recipe_input_is_one_error_line_and_writes_nothing(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err)
     assert not root.exists()
+
+
+def test_the_medium_recipe_acts_with_the_medium_policy_and_scores_against_the_expert(tmp_path, monkeypatch):
+    from diffusion_rl.expert import shipped_policy_path
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    ds = collect.make_dataset("walker2d/medium-tiny-v0", n_episodes=2, progress=False, recipe="medium")
+    medium, medium_meta = load_policy(shipped_policy_path("medium"))
+    expert, expert_meta = load_policy()
+    md = ds.storage.metadata
+    assert md["ref_max_score"] == expert_meta["eval_stochastic"]["mean"], "scores are normalized by the expert, as everywhere"
+    assert medium_meta["sha256"] in md["description"] and "medium" in md["algorithm_name"]
+    ep = next(ds.iterate_episodes())
+    obs = ep.observations[:-1]
+    # The recorded actions scatter around the medium policy's mean action, not the expert's.
+    off_medium = np.abs(ep.actions - medium.act(obs, deterministic=True)).mean()
+    off_expert = np.abs(ep.actions - expert.act(obs, deterministic=True)).mean()
+    assert off_medium < off_expert
+    with pytest.raises(ValueError, match="No shipped policy named"):
+        shipped_policy_path("novice")
