@@ -338,9 +338,7 @@ def make_dataset(
             shutil.rmtree(final)
 
         if policy is None:
-            from diffusion_rl.expert import load_policy
-
-            from diffusion_rl.expert import shipped_policy_path
+            from diffusion_rl.expert import load_policy, shipped_policy_path
 
             actor, policy_meta = load_policy(policy_path or shipped_policy_path(rec.policy))
             behaviour = rec.behaviour(actor, recipe_options)
@@ -359,8 +357,6 @@ def make_dataset(
         meta = policy_meta or {}
         reference = meta
         if policy is None and policy_path is None and rec.policy != "expert":
-            from diffusion_rl.expert import load_policy, shipped_policy_path
-
             reference = load_policy(shipped_policy_path("expert"))[1]  # every data set is scored against the expert
         ref_max = reference.get("eval_stochastic", {}).get("mean")
         command = "python -m diffusion_rl make-dataset" + ("" if recipe == "expert" else f" --recipe {recipe}")
