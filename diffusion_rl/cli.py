@@ -97,7 +97,7 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
     from diffusion_rl.collect import dataset_summary, make_dataset
 
-    options = {k: getattr(args, k) for k in ("action_noise", "max_push") if getattr(args, k) is not None}  # the recipe checks them
+    options = {k: getattr(args, k) for k in ("action_noise", "max_push", "checkpoint") if getattr(args, k) is not None}  # the recipe checks them
     ds = make_dataset(
         args.dataset_id, n_episodes=args.episodes, min_steps=args.steps, policy_path=args.policy,
         first_seed=args.first_seed, force=args.force, progress=not args.no_progress, recipe=args.recipe, options=options,
@@ -122,6 +122,28 @@ def _load_planner(args: argparse.Namespace):
     return pretrained.load(args.planner, device=args.device)
 
 
+def _steering(args: argparse.Namespace) -> dict:
+    """The planner options of evaluate's steering flags (classifier-free guidance, a test-time objective), checked."""
+    import math
+
+    steering = {}
+    if args.target_return is not None and args.classifier_free_weight is None:
+        raise ValueError("--target-return is the condition of classifier-free guidance: give --classifier-free-weight too.")
+    if args.classifier_free_weight is not None:
+        target = 1.0 if args.target_return is None else args.target_return
+        steering["classifier_free"] = (target, args.classifier_free_weight)  # the planner checks both, and the model
+    targets = {name: v for name, v in (("speed", args.target_speed), ("height", args.target_height)) if v is not None}
+    if len(targets) > 1:
+        raise ValueError("Give one test-time objective: --target-speed or --target-height, not both.")
+    for name, target in targets.items():
+        if not math.isfinite(target):
+            raise ValueError(f"--target-{name} must be a finite number, got {target}.")
+        if args.guidance_scale is None and args.samples == 1:
+            raise ValueError(f"--target-{name} steers through guidance or selection: give --guidance-scale or --samples > 1 too.")
+        steering["objective"] = (name, target)
+    return steering
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
     import math
@@ -137,7 +159,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if all(v is None for v in control.values()) and not args.diffuser:
         control = dict(DEFAULT_CONTROL[args.planner])  # the shipped planner's default: the best point of the control study
     controller = controller_from_name(control["controller"] or "fixed", window=control["window"], threshold=control["threshold"])
-    planner = _load_planner(args).with_options(guide_placement=args.guide_placement, clip_actions=args.clip_actions)
+    steering = _steering(args)
+    planner = _load_planner(args).with_options(guide_placement=args.guide_placement, clip_actions=args.clip_actions, **steering)
     inverse = load_inverse_dynamics(args.inverse_dynamics) if args.inverse_dynamics else None
     from diffusion_rl.disturbances import Disturbance
 
@@ -304,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--action-noise", type=float, default=None, help="expert-dart: std of the noise on executed actions (default: 0.2)")
     p.add_argument("--max-push", type=float, default=None, help="expert-dart: largest push force in N, drawn per episode (default: 200)")
+    p.add_argument("--checkpoint", default=None,
+                   help="medium-replay: the medium SAC run's checkpoint, whose replay buffer it reads (default: runs/medium-sac/checkpoint.pt)")
     p.set_defaults(func=cmd_make_dataset)
 
     from diffusion_rl.training import DiffuserConfig, InverseDynamicsConfig, ValueConfig
@@ -337,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "toward the plan's next state, instead of the plan's own action")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-guidance scale kappa (default: unguided)")
     p.add_argument("--samples", type=int, default=1, help="plans per replanning; >1 keeps the best by value (default: 1)")
+    p.add_argument("--classifier-free-weight", type=float, default=None, metavar="W",
+                   help="classifier-free guidance toward --target-return with weight W >= 0 (a planner trained with --returns-condition)")
+    p.add_argument("--target-return", type=float, default=None,
+                   help="classifier-free guidance's return, in units of the expert's discounted return-to-go (default: 1.0)")
+    p.add_argument("--target-speed", type=float, default=None, metavar="V",
+                   help="test-time objective: walk at V m/s, through --guidance-scale or --samples (replaces the value network)")
+    p.add_argument("--target-height", type=float, default=None, metavar="H",
+                   help="test-time objective: hold the torso at H m, through --guidance-scale or --samples")
     p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")
     p.add_argument("--warm-start", type=int, default=None,
                    help="start each replan from the previous plan, shifted and re-noised to N of the sampler's levels (default: from pure noise)")

@@ -309,6 +309,10 @@ def make_dataset(
     recipe_options = rec.make_options(options)
     if policy is not None and recipe != "expert":
         raise ValueError(f"The {recipe} recipe needs the expert's actor: give policy_path, not a policy function.")
+    if rec.assemble is not None and (policy_path is not None or n_episodes is not None or min_steps != 100_000):
+        raise ValueError(f"The {recipe} recipe assembles its episodes from existing data: it takes no policy, episode count or step count.")
+    if rec.check is not None:
+        rec.check(recipe_options)  # its sources, before anything is written
     dataset_id = rec.dataset_id if dataset_id is None else dataset_id
     validate_dataset_id(dataset_id)
     root = datasets_root()
@@ -322,13 +326,13 @@ def make_dataset(
             if not force:
                 ds = load_dataset(dataset_id, download=False)
                 made_by = ds.storage.metadata.get("algorithm_name")
-                if made_by != (wanted := rec.behaviour(None, recipe_options).algorithm):
+                if made_by != (wanted := rec.algorithm_name(recipe_options)):
                     raise DatasetError(
                         f"{dataset_id} already exists, made as {made_by!r}, not by the {recipe} recipe ({wanted!r}). "
                         "Rebuild it with --force (force=True) or choose another dataset id."
                     )
                 too_small = ds.total_episodes != n_episodes if n_episodes is not None else ds.total_steps < min_steps
-                if too_small:
+                if too_small and rec.assemble is None:
                     raise DatasetError(
                         f"{dataset_id} already exists with {ds.total_episodes} episodes and {ds.total_steps} steps, not the "
                         f"{f'{n_episodes} episodes' if n_episodes is not None else f'{min_steps}+ steps'} asked for. "
@@ -337,22 +341,33 @@ def make_dataset(
                 return ds
             shutil.rmtree(final)
 
-        if policy is None:
-            from diffusion_rl.expert import load_policy, shipped_policy_path
+        from diffusion_rl.expert import load_policy, shipped_policy_path
 
-            actor, policy_meta = load_policy(policy_path or shipped_policy_path(rec.policy))
-            behaviour = rec.behaviour(actor, recipe_options)
+        if rec.assemble is not None:
+            def load_data(name: str) -> list[dict]:
+                # A finished data set is taken whatever its size; a missing one is built as its recipe builds it.
+                built = is_complete_dataset(local_dataset_path(get_recipe(name).dataset_id))
+                return _episode_dicts(make_dataset(recipe=name, progress=progress, min_steps=0 if built else 100_000))
+
+            assembly = rec.assemble(recipe_options, load_data)
+            episodes = [_episode_buffer(k, ep) for k, ep in enumerate(assembly.episodes)]
+            algorithm, actions_text, policy_meta = rec.algorithm, assembly.actions, assembly.policy_meta
         else:
-            behaviour = replace(rec.behaviour(None, recipe_options), policy=policy)  # the expert recipe, another policy
+            if policy is None:
+                actor, policy_meta = load_policy(policy_path or shipped_policy_path(rec.policy))
+                behaviour = rec.behaviour(actor, recipe_options)
+            else:
+                behaviour = replace(rec.behaviour(None, recipe_options), policy=policy)  # the expert recipe, another policy
 
-        cache = None
-        if (policy_sha := (policy_meta or {}).get("sha256")) is not None:
-            # An episode is fixed by its seed, the policy, the environment and the recipe: key the kept episodes on those.
-            key = {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1, **behaviour.key}
-            cache = EpisodeCache(_cache_folder(root, dataset_id), key)
-        with torch_threads(1):
-            episodes = collect_episodes(behaviour.policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache,
-                                        disturb=behaviour.disturb)
+            cache = None
+            if (policy_sha := (policy_meta or {}).get("sha256")) is not None:
+                # An episode is fixed by its seed, the policy, the environment and the recipe: key the kept episodes on those.
+                key = {"policy_sha256": policy_sha, "env_id": ENV_ID, "format": 1, **behaviour.key}
+                cache = EpisodeCache(_cache_folder(root, dataset_id), key)
+            with torch_threads(1):
+                episodes = collect_episodes(behaviour.policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache,
+                                            disturb=behaviour.disturb)
+            algorithm, actions_text = behaviour.algorithm, behaviour.actions
         returns = np.array([ep.rewards.sum() for ep in episodes])
         meta = policy_meta or {}
         reference = meta
@@ -361,8 +376,9 @@ def make_dataset(
         ref_max = reference.get("eval_stochastic", {}).get("mean")
         command = "python -m diffusion_rl make-dataset" + ("" if recipe == "expert" else f" --recipe {recipe}")
         who = "SAC expert" if rec.policy == "expert" else f"SAC {rec.policy} policy"
+        seeds = "" if rec.assemble is not None else f", reset seeds {first_seed}..{first_seed + len(episodes) - 1}"
         description = (
-            f"Walker2d-v5 episodes from the diffusion_rl {who}, {behaviour.actions}, reset seeds {first_seed}..{first_seed + len(episodes) - 1}. "
+            f"Walker2d-v5 episodes from the diffusion_rl {who}, {actions_text}{seeds}. "
             f"Policy sha256 {meta.get('sha256', 'n/a')}, deterministic eval return "
             f"{meta.get('eval_deterministic', {}).get('mean', float('nan')):.1f}, stochastic "
             f"{meta.get('eval_stochastic', {}).get('mean', float('nan')):.1f}"
@@ -379,7 +395,7 @@ def make_dataset(
                     dataset_id=dataset_id,
                     buffer=episodes,
                     env=make_env().spec,
-                    algorithm_name=behaviour.algorithm,
+                    algorithm_name=algorithm,
                     author="diffusion-rl contributors",
                     author_email="see the repository",
                     code_permalink="diffusion_rl/collect.py",
@@ -401,6 +417,22 @@ def make_dataset(
         if len(returns) != ds.total_episodes:
             raise DatasetError(f"Wrote {len(returns)} episodes but read back {ds.total_episodes}.")
         return ds
+
+
+def _episode_dicts(ds) -> list[dict]:
+    """A Minari dataset's episodes as plain dicts, with their reset seeds."""
+    seeds = [m.get("seed") for m in ds.storage.get_episode_metadata(range(ds.total_episodes))]
+    return [{"seed": None if seed is None else int(seed), **{k: np.asarray(getattr(ep, k)) for k in _EPISODE_FIELDS}}
+            for seed, ep in zip(seeds, ds.iterate_episodes(), strict=True)]
+
+
+def _episode_buffer(k: int, ep: dict):
+    """Minari's ``EpisodeBuffer`` for episode ``k`` of an assembled recipe."""
+    from minari.data_collector import EpisodeBuffer
+
+    return EpisodeBuffer(id=k, seed=ep["seed"], observations=np.asarray(ep["observations"], np.float64),
+                         actions=np.asarray(ep["actions"], np.float32), rewards=np.asarray(ep["rewards"], np.float64),
+                         terminations=np.asarray(ep["terminations"], bool), truncations=np.asarray(ep["truncations"], bool))
 
 
 def dataset_summary(ds) -> dict:

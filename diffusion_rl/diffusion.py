@@ -7,7 +7,8 @@ Vocabulary follows Ho et al. (2020) and the study:
   state noiseless (the condition), and regress the network onto ``tau^0`` (or onto the noise);
 * the sampler of Algorithm 1.2: start from Gaussian noise and run the reverse chain, writing the
   current state ``s_0`` back into the first row after every step; optionally nudge each step
-  along the gradient of a value network (classifier guidance) or take fewer, deterministic steps (DDIM).
+  along the gradient of a value network (classifier guidance), mix a return-conditioned and an
+  unconditioned prediction (classifier-free guidance), or take fewer, deterministic steps (DDIM).
 
 Time indices run ``t = 0 .. T-1``; ``t = T-1`` is (almost) pure noise and one step below ``t = 0``
 is the clean trajectory. Every stage is returned on request (``return_chain``) so the book can plot it.
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 from diffusion_rl.models import TemporalUnet, ValueNet
 
 __all__ = [
+    "ClassifierFree",
     "GaussianDiffusion",
     "Guide",
     "GuidePlacement",
@@ -195,6 +197,27 @@ class Guide:
         return grad
 
 
+@dataclass(frozen=True)
+class ClassifierFree:
+    """Classifier-free guidance (Ho and Salimans 2022; Decision Diffuser, Ajay et al. 2023) toward a return.
+
+    Each reverse step runs the denoiser twice, with the condition y = ``target`` and without it, and
+    uses ``uncond + weight * (cond - uncond)``: weight 0 ignores the target, 1 is the plain
+    conditional model, and larger weights extrapolate past it. ``target`` is in the model's condition
+    units (the discounted return-to-go over its ``return_scale``; about 1 for the expert).
+    """
+
+    target: float = 1.0
+    weight: float = 1.2
+
+    def __post_init__(self):
+        for name, low in (("target", -math.inf), ("weight", 0.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < low:
+                what = "a finite number" + (" >= 0" if low == 0 else "")
+                raise ValueError(f"The classifier-free {name} must be {what}, got {v!r}.")
+
+
 class Sample(NamedTuple):
     """A batch of sampled trajectories (normalized), shape (B, H, D).
 
@@ -252,20 +275,42 @@ class GaussianDiffusion(nn.Module):
 
     # -- training (Algorithm 1.1)
 
-    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Weighted MSE of the denoiser on windows x0 (B, H, D) noised to levels t (B,) with ``noise``."""
+    def loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, returns: torch.Tensor | None = None,
+             keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted MSE of the denoiser on windows x0 (B, H, D) noised to levels t (B,) with ``noise``.
+
+        A return-conditioned denoiser also gets each window's ``returns`` (B, 1), dropped where ``keep`` (B,) is 0.
+        """
         state = x0[:, 0, self.action_dim:]
         x_t = condition(self.schedule.q_sample(x0, t, noise), state, self.action_dim)
-        pred = self.model(x_t, t)
+        pred = self.model(x_t, t) if returns is None else self.model(x_t, t, returns, keep)
         target = noise if self.predict_epsilon else x0
         return (F.mse_loss(pred, target, reduction="none") * self.loss_weights).mean()
 
     # -- the reverse step
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, action_bounds: ActionBounds | None = None) -> torch.Tensor:
+    @property
+    def conditional(self) -> bool:
+        """Whether the denoiser reads a return condition (classifier-free guidance)."""
+        return bool(self.model.cfg.condition_dim)
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, action_bounds: ActionBounds | None = None,
+                   free: ClassifierFree | None = None) -> torch.Tensor:
         """The network's estimate of tau^0 from tau^t (clipped if ``clip_denoised``; actions kept
-        inside ``action_bounds`` = (low, high), each (act_dim,) in normalized units, when given)."""
-        out = self.model(x_t, t)
+        inside ``action_bounds`` = (low, high), each (act_dim,) in normalized units, when given;
+        guided toward a return by ``free``)."""
+        if free is None:
+            out = self.model(x_t, t)
+        else:
+            if not self.conditional:
+                raise ValueError("Classifier-free guidance needs a denoiser trained with a return condition "
+                                 "(train-diffuser --returns-condition); this one was trained without one.")
+            B = len(x_t)
+            y = torch.full((2 * B, self.model.cfg.condition_dim), float(free.target), device=x_t.device, dtype=x_t.dtype)
+            keep = torch.cat([torch.ones(B, device=x_t.device), torch.zeros(B, device=x_t.device)]).to(x_t.dtype)
+            # One call of twice the batch: the conditioned rows, then the same rows with the condition dropped.
+            cond, uncond = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), y, keep).chunk(2)
+            out = uncond + free.weight * (cond - uncond)
         x0 = self.schedule.x0_from_eps(x_t, t, out) if self.predict_epsilon else out
         x0 = x0.clamp(-self.clip_denoised, self.clip_denoised) if self.clip_denoised else x0
         if action_bounds is not None:
@@ -273,9 +318,10 @@ class GaussianDiffusion(nn.Module):
             x0 = torch.cat([torch.maximum(torch.minimum(x0[..., : self.action_dim], high), low), x0[..., self.action_dim:]], -1)
         return x0
 
-    def p_mean_log_variance(self, x_t: torch.Tensor, t: torch.Tensor, action_bounds: ActionBounds | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def p_mean_log_variance(self, x_t: torch.Tensor, t: torch.Tensor, action_bounds: ActionBounds | None = None,
+                            free: ClassifierFree | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of p(tau^{t-1} | tau^t): the posterior q around the predicted tau^0."""
-        return self.schedule.q_posterior(self.predict_x0(x_t, t, action_bounds), x_t, t)
+        return self.schedule.q_posterior(self.predict_x0(x_t, t, action_bounds, free), x_t, t)
 
     # -- sampling (Algorithm 1.2)
 
@@ -295,6 +341,7 @@ class GaussianDiffusion(nn.Module):
         return_chain: bool = False,
         action_bounds: ActionBounds | None = None,
         warm_start: tuple[torch.Tensor, int] | None = None,
+        free: ClassifierFree | None = None,
     ) -> Sample:
         """Sample plans that start at ``state`` (B, obs_dim), normalized.
 
@@ -334,10 +381,10 @@ class GaussianDiffusion(nn.Module):
                 x = self._guide(x, t_int, self.schedule.step_variance(t_int, t_next), guide, state)
             t = torch.full((B,), t_int, device=state.device, dtype=torch.long)
             if ddim_steps is None:
-                mean, log_var = self.p_mean_log_variance(x, t, action_bounds)
+                mean, log_var = self.p_mean_log_variance(x, t, action_bounds, free)
                 x = mean + (t_int > 0) * torch.exp(0.5 * log_var) * noise[i + 1]
             else:
-                x = self._ddim_step(x, t, t_next, action_bounds)
+                x = self._ddim_step(x, t, t_next, action_bounds, free)
             condition(x, state, self.action_dim)
             if guided and guide.placement == "after":
                 # The value net knows no clean level: a finished plan is scored as level 0.
@@ -365,9 +412,10 @@ class GaussianDiffusion(nn.Module):
             return [top]
         return sorted({int(round(v)) for v in np.linspace(0, top, ddim_steps)}, reverse=True)
 
-    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: int, action_bounds: ActionBounds | None = None) -> torch.Tensor:
+    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_next: int, action_bounds: ActionBounds | None = None,
+                   free: ClassifierFree | None = None) -> torch.Tensor:
         """Deterministic DDIM update (eta = 0) from level t to level t_next (-1: the clean sample)."""
-        x0 = self.predict_x0(x, t, action_bounds)
+        x0 = self.predict_x0(x, t, action_bounds, free)
         eps = self.schedule.eps_from_x0(x, t, x0)
         abar_next = self.schedule.alpha_bar[t_next] if t_next >= 0 else torch.ones((), device=x.device)
         return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps

@@ -51,6 +51,9 @@ COLUMNS = ("setting", "controller", "window", "guidance_scale", "seed", "return"
 DISTURBANCE_COLUMNS = tuple(f.name for f in fields(Disturbance))
 """Added (with ``agent``) to the rows of studies whose arms name an agent or a disturbance."""
 
+MEASURES = ("mean_speed", "mean_height")
+"""What an episode measures besides its return (:class:`~diffusion_rl.planner.EpisodeResult`), for test-time objectives."""
+
 EXPERT = "expert"
 """The ``agent`` that is the shipped SAC expert (deterministic) instead of a planner."""
 
@@ -83,6 +86,10 @@ class Arm:
     """Which of ``run_experiment``'s ``planners`` acts; None is the run's own planner."""
     disturbance: Disturbance | None = None
     """Pushes or shifted dynamics that every episode of this arm meets (seeded by the episode's seed); None: none."""
+    labels: tuple[tuple[str, object], ...] = ()
+    """(column, value) pairs: a study's own columns in front of each row (for example dataset and method); None writes an empty cell."""
+    measures: tuple[str, ...] = ()
+    """Which of :data:`MEASURES` this arm's rows fill (a study with labels has every measure's column; the others stay empty)."""
 
     @property
     def is_expert(self) -> bool:
@@ -199,6 +206,10 @@ def run_experiment(
         if c.baseline not in names or c.treatment not in names:
             raise ValueError(f"Comparison {c} names an arm that the study does not have ({names}).")
     _check_experts(arms)
+    _label_columns(arms)
+    for a in arms:
+        if unknown := set(a.measures) - set(MEASURES):
+            raise ValueError(f"Arm {a.name!r} asks for unknown measures {sorted(unknown)}; choose from {MEASURES}.")
     for a in arms:
         if a.planner is not None and a.planner not in planners:
             raise ValueError(f"Arm {a.name!r} names planner {a.planner!r}, which the run was not given ({sorted(planners)}).")
@@ -295,6 +306,10 @@ def load_rows(out_dir: str | os.PathLike) -> list[dict]:
 def _arm_dict(a: Arm) -> dict:
     d = asdict(a)
     d["planner_options"] = {k: v for k, v in a.planner_options}
+    d["labels"] = {k: v for k, v in a.labels}
+    for key in ("labels", "measures"):
+        if not d[key]:  # as below: studies without them record what they did before
+            del d[key]
     for key in ("agent", "planner", "disturbance"):
         if d[key] is None:  # unused: a study without them records (and summarizes) exactly what it did before they existed
             del d[key]
@@ -323,8 +338,18 @@ def _check_experts(arms: list[Arm]) -> None:
                              "(give window=None).")
 
 
+def _label_columns(arms: list[Arm]) -> tuple[str, ...]:
+    """The labels' column names, in their first arm's order (every labelled arm must name the same ones)."""
+    names = [tuple(k for k, _ in a.labels) for a in arms if a.labels]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"Every labelled arm must carry the same label columns, got {sorted(set(names))}.")
+    return names[0] if names else ()
+
+
 def _columns(arms: list[Arm]) -> tuple[str, ...]:
-    """The CSV columns: the agent and disturbance columns only for studies that use them."""
+    """The CSV columns: the agent and disturbance columns only for studies that use them; labels and measures only for labelled studies."""
+    if labels := _label_columns(arms):
+        return labels + COLUMNS + MEASURES
     if not any(a.agent is not None or a.disturbance is not None for a in arms):
         return COLUMNS
     i = COLUMNS.index("seed")
@@ -338,6 +363,7 @@ def _disturbance_cells(a: Arm) -> dict:
 def _expert_row(a: Arm, e: dict, ref: dict) -> dict:
     """One expert episode as a CSV row; the planner's columns are empty (no plans) or zero (no denoiser calls)."""
     return {
+        **_label_cells(a), **dict.fromkeys(MEASURES, ""),
         "setting": a.name, "agent": a.agent, "controller": "", "window": "", "guidance_scale": "", **_disturbance_cells(a),
         "seed": e["seed"], "return": round(e["return"], 3), "normalized": round(scores(e["return"], e["length"], ref)["normalized"], 5),
         "fell": int(e["fell"]), "diverged": "", "env_steps": e["length"], "plans": 0, "denoiser_evals": 0,
@@ -360,6 +386,7 @@ def _row(a: Arm, r: EpisodeResult, ref: dict, planner: Planner) -> dict:
     limits = [r.window] * len(ran) if a.controller == "fixed" else ran
     executed = np.concatenate([p[:n, :A] for p, n in zip(r.plans, limits)]) if plans else np.zeros((0, A))
     return {
+        **_label_cells(a), **{m: round(getattr(r, m), 5) if m in a.measures else "" for m in MEASURES},
         "setting": a.name, "agent": a.agent or a.name, "controller": r.controller, "window": r.window,
         "guidance_scale": "" if a.guidance_scale is None else a.guidance_scale, **_disturbance_cells(a),
         "seed": r.seed, "return": round(r.total_return, 3), "normalized": round(scores(r.total_return, r.length, ref)["normalized"], 5),
@@ -368,6 +395,10 @@ def _row(a: Arm, r: EpisodeResult, ref: dict, planner: Planner) -> dict:
         "window_end_drift": _round(_finite_mean(end_drift)) if end_drift.size else "",
         "clipped_action_share": _round(float((np.abs(executed) > 1).mean())) if executed.size else "",
     }
+
+
+def _label_cells(a: Arm) -> dict:
+    return {k: "" if v is None else v for k, v in a.labels}
 
 
 def _summarize(arms: list[Arm], seeds: list[int], rows: list[dict], comparisons: Sequence[Comparison], ref: dict) -> dict:
@@ -385,6 +416,7 @@ def _summarize(arms: list[Arm], seeds: list[int], rows: list[dict], comparisons:
             "steps_per_plan": steps / plans if (plans := sum(r["plans"] for r in own)) else None,  # None: the expert plans nothing
             "window_end_drift": mean_ci([r["window_end_drift"] for r in own if r["window_end_drift"] != ""]),
             "clipped_action_share": mean_ci([r["clipped_action_share"] for r in own if r["clipped_action_share"] != ""]),
+            **{m: mean_ci([r[m] for r in own]) for m in a.measures},
         })
     out["comparisons"] = []
     for c in comparisons:

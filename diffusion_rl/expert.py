@@ -44,6 +44,7 @@ __all__ = [
     "EVAL_SEEDS",
     "Actor",
     "SACConfig",
+    "episode_reset_seed",
     "evaluate_policy",
     "export_policy",
     "load_policy",
@@ -365,7 +366,8 @@ def record_episode(actor: Actor, seed: int, disturbance: Disturbance | None = No
 # ----------------------------------------------------------------------------- training
 
 
-def _reset_seed(cfg: SACConfig, episode: int) -> int:
+def episode_reset_seed(cfg: SACConfig, episode: int) -> int:
+    """The reset seed of a training run's ``episode``-th episode."""
     # Disjoint from EVAL_SEEDS and from the dataset's seeds; one per episode so resume replays exactly.
     return 1_000_000 * cfg.seed + episode
 
@@ -429,7 +431,7 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
         )
         _write_curve(run_dir / "curve.csv", history)
 
-    obs, _ = env.reset(seed=_reset_seed(cfg, episode))
+    obs, _ = env.reset(seed=episode_reset_seed(cfg, episode))
     ep_return, ep_len = 0.0, 0
     if resume_env is not None:
         obs, ep_return, ep_len = _restore_env(env, resume_env)
@@ -455,7 +457,7 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
                 episodes.append([step, round(ep_return, 2), ep_len])
                 episode += 1
                 bar.set_postfix(ep_return=f"{ep_return:.0f}", eval=history[-1]["eval_mean"] if history else None)
-                obs, _ = env.reset(seed=_reset_seed(cfg, episode))
+                obs, _ = env.reset(seed=episode_reset_seed(cfg, episode))
                 ep_return, ep_len = 0.0, 0
             if step % cfg.eval_every == 0 or step == cfg.total_steps:
                 wall = time.perf_counter() - t0

@@ -32,6 +32,8 @@ class UNetConfig:
     """Width of the temporal convolutions; 5 steps as in Diffuser."""
     blocks_per_level: int = 2
     """Residual blocks per resolution; 1 halves the cost per step."""
+    condition_dim: int = 0
+    """Size of an extra condition the denoiser reads beside t (1: the return, for classifier-free guidance); 0: none."""
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples become lists)."""
@@ -128,9 +130,10 @@ class DownPath(nn.Module):
             self.levels.append(Level(c_in, c_out, cfg.dim, cfg.kernel_size, cfg.blocks_per_level))
             self.downs.append(nn.Conv1d(c_out, c_out, 3, stride=2, padding=1) if i < last else nn.Identity())
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """x: (B, D, H) channel-first. Returns the bottom features, the time embedding and the skips."""
-        temb = self.time_mlp(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """x: (B, D, H) channel-first; ``extra`` (B, dim) is added to the time embedding (a condition's).
+        Returns the bottom features, the embedding and the skips."""
+        temb = self.time_mlp(t) if extra is None else self.time_mlp(t) + extra
         skips = []
         for level, down in zip(self.levels, self.downs):
             x = level(x, temb)
@@ -143,12 +146,20 @@ class DownPath(nn.Module):
 
 
 class TemporalUnet(nn.Module):
-    """Denoiser ``f(tau^t, t)`` over trajectories ``[batch x horizon x transition_dim]``, same shape out."""
+    """Denoiser ``f(tau^t, t)`` over trajectories ``[batch x horizon x transition_dim]``, same shape out.
+
+    With ``cfg.condition_dim`` > 0 it is ``f(tau^t, t, y)``: an MLP embeds the condition y (the
+    return, Decision Diffuser) and adds it to the time embedding. ``keep`` (B,) of 0s and 1s drops
+    the condition row by row, which is how one network learns both p(tau | y) and p(tau) (classifier-free
+    guidance, Ho and Salimans 2022); no condition at all is the same as ``keep = 0``.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         self.down = DownPath(cfg)
+        if cfg.condition_dim:
+            self.condition_mlp = nn.Sequential(nn.Linear(cfg.condition_dim, cfg.dim * 4), nn.Mish(), nn.Linear(cfg.dim * 4, cfg.dim))
         channels = self.down.channels
         bottom = channels[-1]
         self.mid = Level(bottom, bottom, cfg.dim, cfg.kernel_size, cfg.blocks_per_level)
@@ -161,9 +172,16 @@ class TemporalUnet(nn.Module):
             self.ups.append(nn.ConvTranspose1d(c_small, c_small, 4, stride=2, padding=1))
         self.final = nn.Sequential(ConvBlock(channels[1], channels[1], cfg.kernel_size), nn.Conv1d(channels[1], cfg.transition_dim, 1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, D) trajectories at noise level t: (B,) integers. Returns (B, H, D)."""
-        h, temb, skips = self.down(x.transpose(1, 2), t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, D) trajectories at noise level t: (B,) integers; ``condition`` (B, condition_dim). Returns (B, H, D)."""
+        extra = None
+        if condition is not None:
+            if not self.cfg.condition_dim:
+                raise ValueError("This denoiser was trained without a condition; it cannot be given one.")
+            extra = self.condition_mlp(condition)
+            extra = extra if keep is None else extra * keep[:, None]
+        h, temb, skips = self.down(x.transpose(1, 2), t, extra)
         h = self.mid(h, temb)
         # Up level i sees the skip of down level -(i+1); the top level's own skip is not reused (as Diffuser).
         for level, up, skip in zip(self.levels, self.ups, skips[::-1]):
@@ -187,14 +205,14 @@ class LevelSplit(nn.Module):
             raise ValueError(f"levels must be a positive integer, got {levels!r}.")
         self.cfg, self.base, self.tuned, self.levels = base.cfg, base, tuned, levels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *condition) -> torch.Tensor:
         """The tuned network's output where t < levels, the base network's elsewhere."""
         low = t < self.levels
         if bool(low.all()):
-            return self.tuned(x, t)
+            return self.tuned(x, t, *condition)
         if not bool(low.any()):
-            return self.base(x, t)
-        return torch.where(low[:, None, None], self.tuned(x, t), self.base(x, t))
+            return self.base(x, t, *condition)
+        return torch.where(low[:, None, None], self.tuned(x, t, *condition), self.base(x, t, *condition))
 
 
 class ValueNet(nn.Module):

@@ -20,10 +20,11 @@ import torch
 
 from diffusion_rl.control import Controller, FixedWindow, InverseDynamicsActions
 from diffusion_rl.data import Normalizer
-from diffusion_rl.diffusion import GaussianDiffusion, Guide, GuidePlacement, check_warm_start, condition
+from diffusion_rl.diffusion import ClassifierFree, GaussianDiffusion, Guide, GuidePlacement, check_warm_start, condition
 from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import ValueNet
+from diffusion_rl.objectives import HEIGHT_INDEX, SPEED_INDEX, make_objective
 from diffusion_rl.runtime import torch_threads
 
 __all__ = ["Planner", "Plan", "EpisodeResult", "rollout", "shift_plan", "summarize", "check_window", "check_guidance_scale", "episode_generator"]
@@ -95,6 +96,8 @@ class Planner:
         min_batch: int = 16,
         guide_placement: GuidePlacement = "after",
         clip_actions: bool = False,
+        classifier_free: tuple[float, float] | None = None,
+        objective: tuple[str, float] | None = None,
     ):
         if not isinstance(min_batch, int) or min_batch < 1:
             raise ValueError(f"min_batch must be a positive integer, got {min_batch!r}.")
@@ -116,9 +119,34 @@ class Planner:
                 f"The value network was built for horizon {value.cfg.horizon} and {value.cfg.transition_dim} dims, "
                 f"the denoiser for horizon {self.horizon} and {diffusion.transition_dim}: they do not belong together."
             )
+        self.value_net = self.value  # the trained value network; an objective may stand in for it as ``value``
+        self.classifier_free = self.objective = None
+        self._set_steering(classifier_free, objective)
 
-    OPTIONS = ("n_guide_steps", "t_stopgrad", "scale_by_variance", "guide_placement", "clip_actions")
-    """Sampling options that :meth:`with_options` may change; the networks stay shared."""
+    def _set_steering(self, classifier_free: tuple[float, float] | None, objective: tuple[str, float] | None) -> None:
+        """Set (and check) the classifier-free target and weight, and the test-time objective that replaces the value network."""
+        if classifier_free is not None:
+            target, weight = classifier_free
+            self.classifier_free = ClassifierFree(target, weight)  # checks the numbers first
+            if not self.diffusion.conditional:
+                raise ValueError("Classifier-free guidance needs a denoiser trained with a return condition "
+                                 "(train-diffuser --returns-condition true); this planner's was trained without one.")
+        else:
+            self.classifier_free = None
+        self.objective = objective
+        if objective is None:
+            self.value = self.value_net
+        else:
+            name, target = objective
+            self.value = make_objective(name, self.normalizer, self.action_dim, target).to(self.device)
+
+    OPTIONS = ("n_guide_steps", "t_stopgrad", "scale_by_variance", "guide_placement", "clip_actions", "classifier_free", "objective")
+    """Sampling options that :meth:`with_options` may change; the networks stay shared.
+
+    ``classifier_free = (target, weight)``: classifier-free guidance toward that return (a denoiser
+    trained with ``--returns-condition``); ``objective = (name, target)``: a test-time objective
+    (:mod:`diffusion_rl.objectives`) that guidance and best-of-N use instead of the value network.
+    """
 
     def with_options(self, **options) -> Planner:
         """A planner that shares these networks but samples with other options (see ``OPTIONS``)."""
@@ -126,10 +154,21 @@ class Planner:
         if unknown:
             raise ValueError(f"Unknown planner option(s) {unknown}; choose from {list(self.OPTIONS)}.")
         other = copy.copy(self)
+        steering = {"classifier_free": self.classifier_free and (self.classifier_free.target, self.classifier_free.weight),
+                    "objective": self.objective}
         for name, value in options.items():
-            setattr(other, name, value)
-        other.guide(0.0 if self.value is not None else None)  # validates the guidance options now, not mid-episode
+            if name in steering:
+                steering[name] = value
+            else:
+                setattr(other, name, value)
+        other._set_steering(**steering)
+        other.guide(0.0 if other.value is not None else None)  # validates the guidance options now, not mid-episode
         return other
+
+    @property
+    def evals_per_step(self) -> int:
+        """Denoiser evaluations per reverse step: two with classifier-free guidance (with and without the condition)."""
+        return 2 if self.classifier_free is not None else 1
 
     def action_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The environment's action range [-1, 1] in the normalizer's units, per action dimension."""
@@ -145,8 +184,8 @@ class Planner:
     def to(self, device: str | torch.device) -> Planner:
         """Move the networks to ``device``."""
         self.diffusion.to(device)
-        if self.value is not None:
-            self.value.to(device)
+        for net in {id(v): v for v in (self.value, self.value_net) if v is not None}.values():
+            net.to(device)
         return self
 
     def guide(self, scale: float | None) -> Guide | None:
@@ -155,7 +194,7 @@ class Planner:
         if scale is None:
             return None
         if self.value is None:
-            raise ValueError("Guidance needs a value network; this planner was loaded without one.")
+            raise ValueError("Guidance needs a value network or an objective; this planner was loaded without a value network.")
         return Guide(self.value, scale, self.n_guide_steps, self.t_stopgrad, self.scale_by_variance, self.guide_placement)
 
     def guide_settings(self) -> dict:
@@ -192,7 +231,7 @@ class Planner:
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
         if n_samples > 1 and self.value is None:
-            raise ValueError("Best-of-N selection (n_samples > 1) needs a value network.")
+            raise ValueError("Best-of-N selection (n_samples > 1) needs a value network or an objective.")
         guide = self.guide(guidance_scale)
         B = len(obs)
         if generators is None:
@@ -222,7 +261,8 @@ class Planner:
                 start = torch.cat([start, start[:1].expand(pad, -1, -1)]) if start is not None else None
             bounds = self.action_bounds() if self.clip_actions else None
             out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain,
-                                        action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]))
+                                        action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]),
+                                        free=self.classifier_free)
             x, values, chain = out.trajectories, out.values, out.chain
             if values is None and self.value is not None and (with_values or n_samples > 1):
                 values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
@@ -296,6 +336,10 @@ class EpisodeResult:
     length: int = 0
     fell: bool = False
     diverged: bool = False
+    mean_speed: float = 0.0
+    """The torso's forward velocity (observation 8, m/s), averaged over the episode's steps."""
+    mean_height: float = 0.0
+    """The torso's height (observation 0, m), averaged over the episode's steps."""
     states: np.ndarray | None = None
     x: np.ndarray | None = None
     actions: np.ndarray | None = None
@@ -372,7 +416,7 @@ def rollout(
     def work(warm: bool) -> tuple[int, int]:
         """Denoiser evaluations and guidance gradients of one plan, fresh or warm-started."""
         steps = len(planner.diffusion.levels(ddim_steps, warm_start - 1 if warm else None))
-        return n_samples * steps, n_samples * planner.n_guide_steps * max(0, steps - planner.t_stopgrad)
+        return n_samples * steps * planner.evals_per_step, n_samples * planner.n_guide_steps * max(0, steps - planner.t_stopgrad)
 
     previous: list[torch.Tensor | None] = [None] * len(seeds)  # each episode's plan in force, normalized
     gens = [episode_generator(s) for s in seeds]
@@ -428,6 +472,9 @@ def rollout(
                     finite = bool(np.all(np.isfinite(o))) and math.isfinite(reward)
                     r.total_return += float(reward) if finite else 0.0
                     r.length += 1
+                    if finite:  # running means of what test-time objectives ask for
+                        r.mean_speed += (float(o[SPEED_INDEX]) - r.mean_speed) / r.length
+                        r.mean_height += (float(o[HEIGHT_INDEX]) - r.mean_height) / r.length
                     if record:
                         logs[i].step(o, envs[i], action, reward)
                     if not finite or _simulation_blew_up(envs[i]):
@@ -514,6 +561,8 @@ def summarize(results: Sequence[EpisodeResult], reference_return: float | None =
         "falls": int(sum(r.fell for r in results)),
         "diverged": int(sum(r.diverged for r in results)),
         "mean_length": float(np.mean([r.length for r in results])),
+        "mean_speed": float(np.mean([r.mean_speed for r in results])),
+        "mean_height": float(np.mean([r.mean_height for r in results])),
         "returns": [round(float(x), 2) for x in returns],
     }
     if reference_return:

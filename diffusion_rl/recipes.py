@@ -13,8 +13,16 @@ episodes, kept finished episodes, the build lock, the staging folder and the ato
   path; the recorded label is the expert's clean deterministic action for the observed state: how
   it corrects from there.
 
-A new recipe (issue 14's ``medium``, ``medium-replay``, ``medium-expert``) is a function returning a
-:class:`Behaviour` and one :class:`Recipe` line in :data:`RECIPES`.
+* ``medium`` (``walker2d/local-medium-v0``): the medium policy's stochastic actions (D4RL's "medium").
+* ``medium-replay`` (``walker2d/local-medium-replay-v0``): every transition the medium policy's SAC
+  run stored in its replay buffer, from its first random step to the medium checkpoint, cut into the
+  run's own episodes (D4RL's "medium-replay").
+* ``medium-expert`` (``walker2d/local-medium-expert-v0``): the medium set's episodes, then the expert
+  set's, about as many steps of each (D4RL's "medium-expert").
+
+A recipe that rolls a policy out is a function returning a :class:`Behaviour`; one that assembles
+episodes from elsewhere (a replay buffer, other data sets) is an ``assemble`` function. Either way it
+is one :class:`Recipe` line in :data:`RECIPES`.
 """
 
 from __future__ import annotations
@@ -22,13 +30,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
+from diffusion_rl.checkpoint import CheckpointError
 from diffusion_rl.data import DEFAULT_DATASET_ID
 from diffusion_rl.disturbances import Disturbance
+from diffusion_rl.envs import ENV_ID
 
-__all__ = ["RECIPES", "Behaviour", "DartOptions", "NoOptions", "Recipe", "dart_behaviour", "expert_behaviour", "get_recipe", "medium_behaviour"]
+__all__ = ["RECIPES", "Assembly", "Behaviour", "DartOptions", "NoOptions", "Recipe", "ReplayOptions", "dart_behaviour", "expert_behaviour",
+           "check_replay_source", "get_recipe", "medium_behaviour", "medium_expert_episodes", "replay_episodes"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,118 @@ def dart_behaviour(actor, options: DartOptions) -> Behaviour:
                      actions, {"recipe": "expert-dart", "options": asdict(o)})
 
 
+# ----------------------------------------------------------------------------- assembled recipes
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """Episodes a recipe assembles instead of collecting them, with what the data set says of them."""
+
+    episodes: list[dict]
+    """Each with ``seed`` and ``observations`` (T + 1, obs), ``actions``, ``rewards``, ``terminations``, ``truncations`` (T each)."""
+    actions: str
+    """What the data set's actions are, for its description."""
+    policy_meta: dict
+    """The sidecar of the policy the description names."""
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """Options of the ``medium-replay`` recipe."""
+
+    checkpoint: str = "runs/medium-sac/checkpoint.pt"
+    """The medium SAC run's checkpoint: its replay buffer holds every transition up to the medium policy."""
+
+
+MEDIUM_TRAIN_COMMAND = "python -m diffusion_rl train-expert --run-dir runs/medium-sac --total-steps 100000 --seed 1"
+"""Recreates ``runs/medium-sac`` (deterministically, about 18 minutes on one core) when it is missing."""
+
+
+def _medium_run(options: ReplayOptions) -> tuple[dict, dict]:
+    """The medium SAC run's checkpoint and the shipped medium policy's sidecar, after checking that they belong together.
+
+    The checkpoint must be the one the shipped medium policy was exported from (same environment, same
+    actor weights, same step), so the data end exactly where the medium policy stands.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from diffusion_rl.checkpoint import load_checkpoint
+    from diffusion_rl.expert import SACConfig, load_policy, shipped_policy_path
+
+    path = Path(options.checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"No medium SAC checkpoint at {path}: the medium-replay recipe reads its replay buffer. Recreate it with "
+                              f"`{MEDIUM_TRAIN_COMMAND}`, or pass --checkpoint.")
+    state = load_checkpoint(path, kind="sac")
+    cfg = SACConfig(**state["config"])
+    if cfg.env_id != ENV_ID:
+        raise CheckpointError(f"{path} is a SAC run on {cfg.env_id}, not {ENV_ID}: its replay buffer is no Walker2d data.")
+    _, meta = load_policy(shipped_policy_path("medium"))
+    shipped = load_file(str(shipped_policy_path("medium")))
+    actor = state["agent"]["actor"]
+    if int(state["step"]) != meta["env_steps"] or set(actor) != set(shipped) or not all(torch.equal(actor[k], shipped[k]) for k in shipped):
+        raise CheckpointError(f"{path} (step {int(state['step'])}) is not the checkpoint the shipped medium policy was exported from "
+                              f"(step {meta['env_steps']}); recreate it with `{MEDIUM_TRAIN_COMMAND}`.")
+    return state, meta
+
+
+def check_replay_source(options: ReplayOptions) -> None:
+    """Refuse a missing, foreign or other medium checkpoint before a build writes anything."""
+    _medium_run(options)
+
+
+def replay_episodes(options: ReplayOptions, load_data: Callable[[str], list[dict]] | None = None) -> Assembly:
+    """D4RL's medium-replay: every transition in the medium run's replay buffer, cut into the run's episodes.
+
+    The checkpoint is checked by :func:`check_replay_source`. Observations come from the buffer,
+    stored in float32. The episode cut off by the end of training ends truncated.
+    """
+    import json
+
+    from diffusion_rl.expert import SACConfig, episode_reset_seed
+
+    path = Path(options.checkpoint)
+    state, meta = _medium_run(options)
+    cfg = SACConfig(**state["config"])
+    buf = {k: state["buffer"][k].numpy() for k in ("obs", "action", "reward", "next_obs", "terminated")}
+    size = int(state["buffer"]["size"])
+    if size != int(state["step"]) or len(buf["obs"]) != size:
+        raise CheckpointError(f"{path}'s replay buffer holds {size} transitions of {int(state['step'])} steps: it wrapped or was cut.")
+    ends = [(int(end), int(length)) for end, _, length in json.loads(state["episodes"])]
+    if ends and ends[-1][0] < size:  # the episode training stopped in
+        ends.append((size, size - ends[-1][0]))
+    episodes = []
+    for k, (end, length) in enumerate(ends):
+        start = end - length
+        terminated = bool(buf["terminated"][end - 1])
+        episodes.append({
+            "seed": episode_reset_seed(cfg, k),
+            "observations": np.concatenate([buf["obs"][start:end], buf["next_obs"][end - 1:end]]).astype(np.float64),
+            "actions": buf["action"][start:end].astype(np.float32),
+            "rewards": buf["reward"][start:end].astype(np.float64),
+            "terminations": np.arange(length) == length - 1 if terminated else np.zeros(length, bool),
+            "truncations": np.zeros(length, bool) if terminated else np.arange(length) == length - 1,
+        })
+    if sum(len(ep["actions"]) for ep in episodes) != size:
+        raise CheckpointError(f"{path}'s episode list does not tile its replay buffer; refusing to guess the boundaries.")
+    actions = (f"every transition of the medium policy's SAC training run (`{MEDIUM_TRAIN_COMMAND}`) up to step {size}, from its replay "
+               f"buffer: {cfg.learning_starts} uniformly random steps, then the learning policy's stochastic actions, cut into the run's "
+               "own episodes (observations stored in float32)")
+    return Assembly(episodes, actions, meta)
+
+
+def medium_expert_episodes(options: NoOptions, load_data: Callable[[str], list[dict]]) -> Assembly:
+    """D4RL's medium-expert: the medium set's episodes, then the expert set's (built first if missing)."""
+    from diffusion_rl.expert import load_policy, shipped_policy_path
+
+    medium, expert = load_data("medium"), load_data("expert")
+    actions = (f"the medium set's {len(medium)} episodes ({sum(len(e['actions']) for e in medium)} steps, walker2d/local-medium-v0) then "
+               f"the expert set's {len(expert)} ({sum(len(e['actions']) for e in expert)} steps, walker2d/local-expert-v0): stochastic "
+               "actions of both policies, about 1 : 1 in steps")
+    return Assembly(medium + expert, actions, load_policy(shipped_policy_path("medium"))[1])
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A named way to collect a data set."""
@@ -138,14 +262,25 @@ class Recipe:
     """The ``--recipe`` name."""
     dataset_id: str
     """The Minari id it builds unless told another."""
-    behaviour: Callable[..., Behaviour]
-    """(expert actor, options) -> :class:`Behaviour`."""
+    behaviour: Callable[..., Behaviour] | None
+    """(expert actor, options) -> :class:`Behaviour`; None for an assembled recipe."""
     options: type = NoOptions
     """Its options dataclass (validates them)."""
     policy: str = "expert"
     """Which shipped SAC policy acts (:data:`diffusion_rl.expert.SHIPPED_POLICIES`)."""
     summary: str = ""
     """One line for ``--help``."""
+    assemble: Callable[..., Assembly] | None = None
+    """(options, load_data) -> :class:`Assembly`, for a recipe whose episodes are not rolled out;
+    ``load_data(recipe)`` gives another recipe's episodes (building its data set if missing)."""
+    algorithm: str = ""
+    """Minari's ``algorithm_name`` of an assembled recipe (a rolled-out one takes its behaviour's)."""
+    check: Callable[..., None] | None = None
+    """(options) -> None: refuses bad sources of an assembled recipe before anything is written."""
+
+    def algorithm_name(self, options) -> str:
+        """What the data set's ``algorithm_name`` says of how it was made."""
+        return self.algorithm if self.assemble is not None else self.behaviour(None, options).algorithm
 
     def make_options(self, options: dict | None = None):
         """The recipe's options from a dict of the ones given; an option it does not take is an error."""
@@ -163,6 +298,13 @@ RECIPES = {r.name: r for r in [
            summary="DART: noisy executed actions under random pushes, the expert's clean actions recorded"),
     Recipe("medium", "walker2d/local-medium-v0", medium_behaviour, policy="medium",
            summary="the medium policy's stochastic episodes (D4RL's medium)"),
+    Recipe("medium-replay", "walker2d/local-medium-replay-v0", None, ReplayOptions, policy="medium",
+           summary="every transition of the medium policy's training run, from its replay buffer (D4RL's medium-replay)",
+           assemble=replay_episodes, algorithm="SAC replay buffer up to the medium policy (diffusion_rl.expert, 100k steps)",
+           check=check_replay_source),
+    Recipe("medium-expert", "walker2d/local-medium-expert-v0", None, policy="medium",
+           summary="the medium set's episodes and the expert set's, 1 : 1 in steps (D4RL's medium-expert)",
+           assemble=medium_expert_episodes, algorithm="SAC medium policy and SAC expert, stochastic actions, 1 : 1"),
 ]}
 """Every data recipe by name."""
 

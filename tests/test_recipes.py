@@ -149,3 +149,115 @@ def test_the_medium_recipe_acts_with_the_medium_policy_and_scores_against_the_ex
     assert off_medium < off_expert
     with pytest.raises(ValueError, match="No shipped policy named"):
         shipped_policy_path("novice")
+
+
+# ----------------------------------------------------------------------------- medium-replay and medium-expert
+
+
+@pytest.fixture(scope="module")
+def medium_run(tmp_path_factory):
+    """A tiny SAC run and its exported actor, standing in for the medium run and the shipped medium policy."""
+    from diffusion_rl import expert
+
+    folder = tmp_path_factory.mktemp("medium")
+    cfg = expert.SACConfig(total_steps=400, learning_starts=100, batch_size=32, hidden=32, eval_every=1000, eval_episodes=1,
+                           checkpoint_every=1000, threads=1)
+    ckpt = expert.train_sac(cfg, folder / "run", progress=False)
+    policy = folder / "medium-walker2d-sac.safetensors"
+    expert.export_policy(ckpt, policy, command="test")
+    return ckpt, policy
+
+
+@pytest.fixture
+def tiny_medium(medium_run, monkeypatch):
+    """The tiny run's actor as the shipped medium policy (the expert stays the shipped one)."""
+    from diffusion_rl import expert
+
+    real = expert.shipped_policy_path
+    monkeypatch.setattr(expert, "shipped_policy_path", lambda name="expert": medium_run[1] if name == "medium" else real(name))
+    return medium_run[0]
+
+
+def replay(root: Path, monkeypatch, checkpoint: Path):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    return collect.make_dataset(progress=False, recipe="medium-replay", options={"checkpoint": str(checkpoint)})
+
+
+def test_medium_replay_is_the_run_s_replay_buffer_cut_into_its_episodes(tmp_path, monkeypatch, tiny_medium):
+    import json as json_
+
+    from diffusion_rl.checkpoint import load_checkpoint
+    from diffusion_rl.expert import SACConfig, episode_reset_seed
+
+    ds = replay(tmp_path / "a", monkeypatch, tiny_medium)
+    state = load_checkpoint(tiny_medium, kind="sac")
+    run_episodes = json_.loads(state["episodes"])
+    eps = episodes(ds)
+    assert ds.spec.dataset_id == "walker2d/local-medium-replay-v0" and ds.total_steps == 400
+    assert len(eps) == len(run_episodes) + 1, "every finished episode, and the one training stopped in"
+    for ep, (end, ret, length) in zip(eps, run_episodes):
+        assert len(ep.actions) == length and ep.rewards.sum() == pytest.approx(ret, abs=0.01)
+        assert ep.terminations[-1] != ep.truncations[-1] and not ep.terminations[:-1].any() and not ep.truncations[:-1].any()
+    assert eps[-1].truncations[-1] and not eps[-1].terminations.any()
+    # The first observation is the reset state of the run's first episode (stored in float32).
+    first, _ = make_env().reset(seed=episode_reset_seed(SACConfig(**state["config"]), 0))
+    assert np.allclose(eps[0].observations[0], first, atol=1e-6)
+    md = ds.storage.metadata
+    assert "replay buffer" in md["algorithm_name"] and md["ref_max_score"] == load_policy()[1]["eval_stochastic"]["mean"]
+    # Built again into another folder: the same data.
+    again = episodes(replay(tmp_path / "b", monkeypatch, tiny_medium))
+    for a, b in zip(eps, again, strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+
+
+def _foreign_checkpoint(source: Path, folder: Path) -> Path:
+    from diffusion_rl.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(source, kind="sac")
+    state["config"]["env_id"] = "Hopper-v5"
+    save_checkpoint(folder / "hopper.pt", state)
+    return folder / "hopper.pt"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "No medium SAC checkpoint"),
+    ("foreign", "not Walker2d-v5"),
+    ("another run", "not the checkpoint the shipped medium policy was exported from"),
+    ("not a checkpoint", "not a readable diffusion_rl checkpoint"),
+])
+def test_a_bad_medium_checkpoint_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch, medium_run, capsys, case, message):
+    from diffusion_rl import expert
+
+    source = medium_run[0]
+    path = {"missing": tmp_path / "nothing.pt", "foreign": None, "another run": source, "not a checkpoint": tmp_path / "junk.pt"}[case]
+    if case == "foreign":
+        path = _foreign_checkpoint(source, tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    if case != "another run":  # the shipped medium policy is not this tiny run's
+        real = expert.shipped_policy_path
+        monkeypatch.setattr(expert, "shipped_policy_path", lambda name="expert": medium_run[1] if name == "medium" else real(name))
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    assert main(["make-dataset", "--recipe", "medium-replay", "--checkpoint", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not root.exists()
+
+
+def test_medium_expert_is_the_medium_set_then_the_expert_set(tmp_path, monkeypatch, policy_file):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    # Small stand-ins for the two sets (built by their own recipes; the assembly takes them whatever their size).
+    medium = episodes(collect.make_dataset(n_episodes=3, policy_path=policy_file, progress=False, recipe="medium"))
+    expert_set = episodes(collect.make_dataset(n_episodes=2, policy_path=policy_file, progress=False, first_seed=500))
+    ds = collect.make_dataset(progress=False, recipe="medium-expert")
+    both = episodes(ds)
+    assert ds.spec.dataset_id == "walker2d/local-medium-expert-v0" and len(both) == 5
+    for a, b in zip(both, medium + expert_set, strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+    seeds = [m["seed"] for m in ds.storage.get_episode_metadata(range(5))]
+    assert seeds == [123, 124, 125, 500, 501]
+    assert "1 : 1" in ds.storage.metadata["algorithm_name"]
+    with pytest.raises(ValueError, match="takes no policy"):
+        collect.make_dataset(progress=False, recipe="medium-expert", n_episodes=4)
