@@ -253,7 +253,16 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     from diffusion_rl.studies import run_study
 
-    summary = run_study(args.name, args.out, command=_command_line(), progress=not args.no_progress)
+    part = None
+    if args.part is not None:
+        i, _, n = args.part.partition("/")
+        if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+            raise ValueError(f"--part must be i/n with 1 <= i <= n (for example 1/2), got {args.part!r}.")
+        part = (int(i), int(n))
+    summary = run_study(args.name, args.out, command=_command_line(), progress=not args.no_progress, part=part)
+    if summary is None:
+        print(f"part {args.part} done; when every part is, rerun without --part to write the results")
+        return 0
     for s in summary["settings"]:
         lo, hi = s["normalized"]["ci95"]
         print(f"{s['name']:<22} {s['normalized']['mean']:6.1f}% [{lo:6.1f}, {hi:6.1f}]  falls {s['falls']:>2}/{s['episodes']}")
@@ -431,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="a closed-loop study on seeds 10000-10029 (settings tuned on 20000-20029), results with 95%% CIs")
     p.add_argument("name", choices=sorted(STUDIES), help="which study: " + ", ".join(f"{k} (ships in diffusion_rl/assets/{v.folder})" for k, v in STUDIES.items()))
     p.add_argument("--out", default=None, help="results folder (default: the study's shipped folder); rerun to resume")
+    p.add_argument("--part", default=None, metavar="I/N",
+                   help="guidance: run the I-th of N shares of the work (N processes at once), then rerun without it to write the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_study)
 

@@ -40,8 +40,13 @@ from diffusion_rl.control import Controller, controller_from_name
 from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.planner import EpisodeResult, Planner, rollout
 
-__all__ = ["EXPERT", "Arm", "Comparison", "expert_episodes", "load_rows", "mean_ci", "references", "run_experiment", "scores",
+__all__ = ["EVAL_SEEDS", "EXPERT", "TUNING_SEEDS", "Arm", "Comparison", "expert_episodes", "load_rows", "mean_ci", "references", "run_experiment", "scores",
            "shipped_planner"]
+
+EVAL_SEEDS = list(range(10_000, 10_030))
+"""The studies' evaluation seeds: 30 episodes per setting."""
+TUNING_SEEDS = list(range(20_000, 20_030))
+"""Where a study chooses its settings before it runs them on :data:`EVAL_SEEDS`."""
 
 D4RL_WALKER2D = {"random": 1.629008, "expert": 4592.3}
 """D4RL's walker2d reference returns (d4rl/infos.py), for scores comparable with published tables."""
@@ -86,6 +91,8 @@ class Arm:
     """Which of ``run_experiment``'s ``planners`` acts; None is the run's own planner."""
     disturbance: Disturbance | None = None
     """Pushes or shifted dynamics that every episode of this arm meets (seeded by the episode's seed); None: none."""
+    n_samples: int = 1
+    """Plans drawn per replanning; more than one keeps the one the value network (or objective) rates highest (best-of-N)."""
     labels: tuple[tuple[str, object], ...] = ()
     """(column, value) pairs: a study's own columns in front of each row (for example dataset and method); None writes an empty cell."""
     measures: tuple[str, ...] = ()
@@ -104,7 +111,8 @@ class Arm:
 
     def batch_key(self) -> tuple:
         """Arms with equal keys share one batched rollout."""
-        return (self.ddim_steps, self.warm_start, self.planner_options, self.inverse_dynamics, self.planner, self.disturbance)
+        return (self.ddim_steps, self.warm_start, self.planner_options, self.inverse_dynamics, self.planner, self.disturbance,
+                self.n_samples)
 
 
 @dataclass(frozen=True)
@@ -190,8 +198,12 @@ def run_experiment(
     progress: bool = True,
     notes: dict | None = None,
     planners: Mapping[str, tuple[Planner, dict]] | None = None,
-) -> dict:
+    part: tuple[int, int] | None = None,
+) -> dict | None:
     """Run every arm on every seed into ``out_dir`` (resuming finished arms) and write the result files; returns the summary.
+
+    ``part = (i, n)``: run only the i-th of n shares of the work (1-based) and write no result files (returns
+    None), so n processes can share a study; a last call without ``part`` finds every arm's rows and writes them.
 
     ``notes``: what the study decided before this run (for example a setting chosen on tuning seeds), kept in the summary.
     ``planners``: further planners by name, each with its identity, for arms that name one (``Arm.planner``);
@@ -246,19 +258,24 @@ def run_experiment(
     for stale in rows_dir.glob(".*.tmp"):
         stale.unlink()
 
+    mine = set(variants) if part is None else _share(arms, part)
     for key, variant in variants.items():
+        if key not in mine:
+            continue
         todo = [a for a in arms if not a.is_expert and a.batch_key() == key and not (rows_dir / f"{a.name}.json").exists()]
         if not todo:
             continue
         first = todo[0]  # every arm of the group shares the batch key's options
         pairs = [(a, s) for a in todo for s in seeds]
         inverse = load_inverse_dynamics(first.inverse_dynamics) if first.inverse_dynamics is not None else None
-        results = rollout(variant, [s for _, s in pairs], guidance_scale=[a.guidance_scale for a, _ in pairs],
+        results = rollout(variant, [s for _, s in pairs], guidance_scale=[a.guidance_scale for a, _ in pairs], n_samples=first.n_samples,
                           controller=[a.make_controller() for a, _ in pairs], ddim_steps=first.ddim_steps, warm_start=first.warm_start,
                           max_steps=max_steps, record=True, progress=progress, inverse_dynamics=inverse, disturbance=first.disturbance)
         for a in todo:
             rows = [_row(a, r, ref, variant) for (arm, _), r in zip(pairs, results) if arm is a]
             atomic_write_json(rows_dir / f"{a.name}.json", rows)
+    if part is not None:
+        return None
     for a in arms:
         if a.is_expert and not (rows_dir / f"{a.name}.json").exists():
             episodes = expert_episodes(actor, seeds, a.disturbance, max_steps)
@@ -273,6 +290,29 @@ def run_experiment(
     hashes = {name: sha256_file(out / name) for name in ("episodes.csv", "summary.json")}
     atomic_write_json(record_path, {"spec": spec, "command": command, "files_sha256": hashes})
     return summary
+
+
+def _share(arms: Sequence[Arm], part: tuple[int, int]) -> set[tuple]:
+    """The batch keys of the i-th of n shares: groups dealt out heaviest first to the lightest share.
+
+    A group's weight counts its plans per env step: samples per plan, two evaluations with classifier-free
+    guidance, about twice the work with a gradient, and a plan every k steps.
+    """
+    i, n = part
+    if not (isinstance(i, int) and isinstance(n, int) and 1 <= i <= n):
+        raise ValueError(f"part must be (i, n) with 1 <= i <= n, got {part!r}.")
+    weight: dict[tuple, float] = {}
+    for a in arms:
+        if not a.is_expert:
+            options = dict(a.planner_options)
+            w = a.n_samples * (2 if options.get("classifier_free") else 1) * (2 if a.guidance_scale else 1) / (a.window or 1)
+            weight[a.batch_key()] = weight.get(a.batch_key(), 0.0) + w
+    loads, shares = [0.0] * n, [set() for _ in range(n)]
+    for key in sorted(weight, key=lambda k: -weight[k]):  # stable: equal weights keep the arms' order
+        j = loads.index(min(loads))
+        loads[j] += weight[key]
+        shares[j].add(key)
+    return shares[i - 1]
 
 
 def expert_episodes(actor, seeds: Sequence[int], disturbance: Disturbance | None = None, max_steps: int = 1000) -> list[dict]:
@@ -310,6 +350,8 @@ def _arm_dict(a: Arm) -> dict:
     for key in ("labels", "measures"):
         if not d[key]:  # as below: studies without them record what they did before
             del d[key]
+    if a.n_samples == 1:
+        del d["n_samples"]
     for key in ("agent", "planner", "disturbance"):
         if d[key] is None:  # unused: a study without them records (and summarizes) exactly what it did before they existed
             del d[key]

@@ -24,6 +24,10 @@ evaluations per environment step for
 The default controller (the cheapest setting that keeps 98% of the k = 1 score) is chosen on the
 tuning seeds, among fixed windows with DDIM and the two adaptive triggers.
 
+``guidance``: three ways to steer toward high return (gradient guidance, best-of-N selection, classifier-free
+guidance on the return) on expert and mixed-quality data, and objectives chosen at test time
+(:mod:`diffusion_rl.guidance_study`, the chapter "When guidance matters").
+
 ``push``: pushes on the torso (the chapter "Push the walker"): fall rate and normalized return against
 push force for the SAC expert and planners (:data:`PUSH_AGENTS`), every agent on the same seeds and the
 same pushes. The tuning seeds locate the forces where the expert falls in 20% and in half of its episodes.
@@ -37,14 +41,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from diffusion_rl.disturbances import Disturbance
-from diffusion_rl.experiment import EXPERT, Arm, Comparison, load_rows, run_experiment, shipped_planner
+from diffusion_rl.experiment import EVAL_SEEDS, EXPERT, TUNING_SEEDS, Arm, Comparison, load_rows, run_experiment, shipped_planner
+from diffusion_rl.guidance_study import guidance_study
 from diffusion_rl.planner import Planner
 
 __all__ = ["EVAL_SEEDS", "PUSH_AGENTS", "PUSH_FORCES", "PUSH_PAIRS", "STUDIES", "TUNING_SEEDS", "Agent", "choose_default", "choose_push_default", "control_study",
            "expert_forces", "load_study", "push_arms", "push_study", "run_study", "sampler_study", "setting_name"]
 
-EVAL_SEEDS = list(range(10_000, 10_030))
-TUNING_SEEDS = list(range(20_000, 20_030))
 
 AFTER_SCALE = 0.3
 """The sweep's guidance scale for the "after" placement (chosen on seeds 20000-20039 when the planner was exported)."""
@@ -371,14 +374,23 @@ def push_study(
 
 
 STUDIES = {"sampler": Study(sampler_study, "sampler_study"), "control": Study(control_study, "control_study"),
-           "push": Study(push_study, "push_study")}
+           "push": Study(push_study, "push_study"), "guidance": Study(guidance_study, "guidance_study")}
 """Every study by name, with the folder under ``diffusion_rl/assets/`` that ships its results."""
 
 
-def run_study(name: str, out_dir: str | os.PathLike | None = None, command: str = "", progress: bool = True) -> dict:
-    """Run the study ``name`` into ``out_dir`` (default: its shipped folder)."""
+SHARED_STUDIES = frozenset({"guidance"})
+"""Studies whose work several processes can share (``study NAME --part i/n``)."""
+
+
+def run_study(name: str, out_dir: str | os.PathLike | None = None, command: str = "", progress: bool = True,
+              part: tuple[int, int] | None = None) -> dict | None:
+    """Run the study ``name`` into ``out_dir`` (default: its shipped folder); ``part``: one share of its work (None returned)."""
     out = Path(out_dir) if out_dir is not None else study_folder(name)
-    return STUDIES[name].run(out, command=command, progress=progress)
+    if part is None:
+        return STUDIES[name].run(out, command=command, progress=progress)
+    if name not in SHARED_STUDIES:
+        raise ValueError(f"Only the {', '.join(sorted(SHARED_STUDIES))} study can be run in parts; run the {name} study whole.")
+    return STUDIES[name].run(out, command=command, progress=progress, part=part)
 
 
 def study_folder(name: str) -> Path:

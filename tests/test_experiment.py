@@ -102,3 +102,21 @@ def test_unknown_study_name_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["study", "nonsense"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_two_parts_then_the_whole_give_the_files_of_one_run(planner, tmp_path):
+    run(planner, tmp_path / "whole")
+    parts = tmp_path / "parts"
+    for i in (1, 2):
+        assert experiment.run_experiment(planner, ARMS, SEEDS, parts, IDENT, "python -m diffusion_rl study test", COMPARE,
+                                         max_steps=40, progress=False, part=(i, 2)) is None
+        assert not (parts / "episodes.csv").exists(), "a part writes rows only"
+    done = {p.stem for p in (parts / ".rows").glob("*.json")}
+    assert done == {a.name for a in ARMS}, "the two shares cover every arm"
+    share = experiment._share(ARMS, (1, 2))
+    assert share and share.isdisjoint(experiment._share(ARMS, (2, 2)))
+    run(planner, parts)
+    for name in ("episodes.csv", "summary.json", "record.json"):
+        assert (parts / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    with pytest.raises(ValueError, match="part must be"):
+        experiment._share(ARMS, (3, 2))

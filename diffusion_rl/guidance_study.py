@@ -1,0 +1,160 @@
+"""The guidance study (chapter "When guidance matters"): ``python -m diffusion_rl study guidance``.
+
+Three ways to steer a diffusion planner toward high return, on expert data and on data of mixed
+quality, every one on the same seeds:
+
+* ``gradient``: classifier guidance, a step up the value network's gradient after each reverse step
+  (the book's guidance chapter); its scale is kappa;
+* ``best-of-n``: draw N plans and keep the one the value network rates highest, no gradients
+  (Lu et al. 2025); its scale is N;
+* ``classifier-free``: a denoiser trained with the return as a dropped-out condition, sampled toward
+  a high return with weight w (Decision Diffuser, Ajay et al. 2023); its scale is w.
+
+And two objectives chosen at test time, with no retraining: a target forward speed v* and a target
+torso height h*, steered by guidance on the planned states (:mod:`diffusion_rl.objectives`).
+
+Every arm runs on the tuning seeds first; the best steering setting per data set and window is chosen
+there and compared with the unguided planner on the evaluation seeds 10000-10029, with the whole grid
+shown beside it. The episode rows carry ``dataset, method, scale, target_speed, target_height`` and,
+for the objective arms, the achieved ``mean_speed`` or ``mean_height``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusion_rl.experiment import EVAL_SEEDS, Arm, Comparison, run_experiment, shipped_planner
+from diffusion_rl.planner import Planner
+
+__all__ = ["GUIDANCE_DATA", "METHODS", "GuidanceData", "choose_best", "guidance_arms", "guidance_study", "objective_arms"]
+
+METHODS = ("unguided", "gradient", "best-of-n", "classifier-free")
+"""The ``method`` column's values for the return-steering arms; objective arms are ``gradient``."""
+
+TUNING_SEEDS = list(range(20_000, 20_010))
+"""The tuning stage's seeds: 10 episodes per setting (the grid is large; the evaluation keeps 30)."""
+
+
+@dataclass(frozen=True)
+class GuidanceData:
+    """One data set of the study and the planners trained on it."""
+
+    dataset_id: str
+    """The Minari id (the ``dataset`` column)."""
+    planner: str
+    """The shipped planner (denoiser and value network) trained on it."""
+    conditional: str | None
+    """The shipped return-conditioned denoiser trained on it (classifier-free guidance); None: not trained."""
+    gradient_scales: tuple[float, ...]
+    """Guidance scales kappa (each value network has its own units: the return it predicts)."""
+    short: str
+    """A short name for the arms' names."""
+
+
+GUIDANCE_DATA = (
+    GuidanceData("walker2d/local-expert-v0", "walker2d-h8", None, (0.1, 0.3, 1.0), "expert"),
+    GuidanceData("walker2d/local-medium-replay-v0", "walker2d-h8-medium-replay", "walker2d-h8-medium-replay-cf",
+                 (0.01, 0.03, 0.1), "mreplay"),
+    GuidanceData("walker2d/local-medium-expert-v0", "walker2d-h8-medium-expert", "walker2d-h8-medium-expert-cf",
+                 (0.01, 0.03, 0.1), "mexpert"),
+)
+"""The study's data sets. The expert planner's value network predicts the return inside its 8-step window
+(the study's choice); the mixed sets' predict the discounted return to the episode's end (Diffuser's)."""
+
+WINDOWS = (1, 4)
+SAMPLES = (4, 16, 64)
+WEIGHTS = (1.0, 2.0, 4.0)
+TARGET_RETURN = 1.0
+"""Classifier-free guidance's condition: the expert's discounted return-to-go (the models' ``return_scale`` makes it 1)."""
+DDIM_STEPS = 5
+"""Every arm samples with 5 DDIM steps: best-of-64 at k = 1 costs 64 plans per env step."""
+
+SPEED_DATA = "walker2d-h8-medium-expert"
+SPEED_TARGETS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+HEIGHT_TARGETS = (1.0, 1.1, 1.2)
+OBJECTIVE_SCALE = 1.0
+OBJECTIVE_WINDOW = 1
+
+
+def _labels(data: GuidanceData, method: str, scale, speed=None, height=None) -> tuple:
+    return (("dataset", data.dataset_id), ("method", method), ("scale", scale), ("target_speed", speed), ("target_height", height))
+
+
+def guidance_arms(data: Sequence[GuidanceData] = GUIDANCE_DATA, windows: Sequence[int] = WINDOWS) -> list[Arm]:
+    """Unguided, each steering method over its scale, on each data set and window."""
+    arms = []
+    for d in data:
+        planner = d.planner
+        for k in windows:
+            base = f"{d.short}-k{k}"
+            arms.append(Arm(f"{base}-unguided", k, ddim_steps=DDIM_STEPS, planner=planner, labels=_labels(d, "unguided", None)))
+            arms += [Arm(f"{base}-gradient{s:g}", k, s, ddim_steps=DDIM_STEPS, planner=planner, labels=_labels(d, "gradient", s))
+                     for s in d.gradient_scales]
+            arms += [Arm(f"{base}-best-of-{n}", k, ddim_steps=DDIM_STEPS, planner=planner, n_samples=n,
+                         labels=_labels(d, "best-of-n", n)) for n in SAMPLES]
+            if d.conditional is not None:
+                arms += [Arm(f"{base}-free{w:g}", k, ddim_steps=DDIM_STEPS, planner=d.conditional,
+                             planner_options=(("classifier_free", (TARGET_RETURN, w)),), labels=_labels(d, "classifier-free", w))
+                         for w in WEIGHTS]
+    return arms
+
+
+def objective_arms(data: GuidanceData) -> list[Arm]:
+    """A target speed and a target height, each through guidance, on one planner."""
+    arms = [Arm(f"{data.short}-speed{v:g}", OBJECTIVE_WINDOW, OBJECTIVE_SCALE, ddim_steps=DDIM_STEPS, planner=data.planner,
+                planner_options=(("objective", ("speed", v)),), measures=("mean_speed",), labels=_labels(data, "gradient", OBJECTIVE_SCALE, speed=v))
+            for v in SPEED_TARGETS]
+    arms += [Arm(f"{data.short}-height{h:g}", OBJECTIVE_WINDOW, OBJECTIVE_SCALE, ddim_steps=DDIM_STEPS, planner=data.planner,
+                 planner_options=(("objective", ("height", h)),), measures=("mean_height",),
+                 labels=_labels(data, "gradient", OBJECTIVE_SCALE, height=h)) for h in HEIGHT_TARGETS]
+    return arms
+
+
+def choose_best(summary: dict, data: Sequence[GuidanceData] = GUIDANCE_DATA, windows: Sequence[int] = WINDOWS) -> dict:
+    """Per data set and window, the steering arm with the highest mean score on the tuning seeds."""
+    settings = summary["settings"]
+    best = {}
+    for d in data:
+        for k in windows:
+            steered = [s for s in settings if s["name"].startswith(f"{d.short}-k{k}-") and not s["name"].endswith("-unguided")]
+            top = max(steered, key=lambda s: s["normalized"]["mean"])
+            best[f"{d.short}-k{k}"] = {"setting": top["name"], "normalized": top["normalized"]["mean"]}
+    return best
+
+
+def guidance_study(
+    out_dir: str | os.PathLike,
+    command: str = "",
+    progress: bool = True,
+    data: Sequence[GuidanceData] = GUIDANCE_DATA,
+    seeds: Sequence[int] = EVAL_SEEDS,
+    tuning_seeds: Sequence[int] = TUNING_SEEDS,
+    max_steps: int = 1000,
+    load: Callable[[str], tuple[Planner, dict]] = shipped_planner,
+    part: tuple[int, int] | None = None,
+) -> dict | None:
+    """Every steering arm and objective on the tuning seeds, then on the evaluation seeds, with the tuning-best against unguided.
+
+    ``part = (i, n)``: this process's share of both stages (see :func:`~diffusion_rl.experiment.run_experiment`);
+    rerun without it to write the results.
+    """
+    reference = "walker2d-h8"  # scores are normalized by the expert data's mean return, as everywhere in the book
+    speed = next(d for d in data if d.planner == SPEED_DATA) if any(d.planner == SPEED_DATA for d in data) else None
+    arms = guidance_arms(data) + (objective_arms(speed) if speed is not None else [])
+    planner, identity = load(reference)
+    planners = {name: load(name) for name in dict.fromkeys(a.planner for a in arms)}
+    out = Path(out_dir)
+    tuned = run_experiment(planner, arms, tuning_seeds, out / "tuning", identity, command, max_steps=max_steps, progress=progress,
+                           planners=planners, part=part)
+    if part is not None:
+        return run_experiment(planner, arms, seeds, out, identity, command, max_steps=max_steps, progress=progress,
+                              planners=planners, part=part)
+    best = choose_best(tuned, data)
+    comparisons = [Comparison(f"{group}-unguided", choice["setting"]) for group, choice in best.items()]
+    notes = {"tuning": "tuning/summary.json", "best": best,
+             "rule": "per data set and window, the steering setting with the highest mean score on the tuning seeds"}
+    return run_experiment(planner, arms, seeds, out, identity, command, comparisons, max_steps, progress, notes=notes,
+                          planners=planners)

@@ -1,0 +1,55 @@
+"""The guidance study's arms and its choice of the best steering setting (the runner itself is tested in test_experiment.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffusion_rl import guidance_study as gs
+from diffusion_rl.experiment import MEASURES
+
+
+def test_every_data_set_and_window_gets_each_method_over_its_scale():
+    arms = gs.guidance_arms()
+    names = [a.name for a in arms]
+    assert len(names) == len(set(names))
+    for d in gs.GUIDANCE_DATA:
+        for k in gs.WINDOWS:
+            mine = [a for a in arms if a.name.startswith(f"{d.short}-k{k}-")]
+            methods = [dict(a.labels)["method"] for a in mine]
+            assert methods.count("unguided") == 1 and methods.count("gradient") == len(d.gradient_scales)
+            assert methods.count("best-of-n") == len(gs.SAMPLES)
+            assert methods.count("classifier-free") == (len(gs.WEIGHTS) if d.conditional else 0)
+            for a in mine:
+                labels = dict(a.labels)
+                assert labels["dataset"] == d.dataset_id and a.window == k and a.ddim_steps == gs.DDIM_STEPS
+                scale = {"unguided": None, "gradient": a.guidance_scale, "best-of-n": a.n_samples}.get(labels["method"])
+                if labels["method"] == "classifier-free":
+                    scale = dict(a.planner_options)["classifier_free"][1]
+                    assert a.planner == d.conditional
+                else:
+                    assert a.planner == d.planner
+                assert labels["scale"] == scale
+
+
+def test_objective_arms_measure_what_they_target():
+    data = next(d for d in gs.GUIDANCE_DATA if d.planner == gs.SPEED_DATA)
+    arms = gs.objective_arms(data)
+    speed = [a for a in arms if dict(a.labels)["target_speed"] is not None]
+    assert len(speed) >= 5 and all(a.measures == ("mean_speed",) for a in speed)
+    assert [dict(a.planner_options)["objective"] for a in speed] == [("speed", v) for v in gs.SPEED_TARGETS]
+    assert all(set(a.measures) <= set(MEASURES) for a in arms)
+
+
+def test_the_best_setting_is_chosen_per_data_set_and_window():
+    def setting(name, mean):
+        return {"name": name, "normalized": {"mean": mean}}
+
+    data = gs.GUIDANCE_DATA[:1]
+    summary = {"settings": [setting("expert-k1-unguided", 99.0), setting("expert-k1-gradient0.1", 90.0),
+                            setting("expert-k1-best-of-4", 95.0), setting("expert-k4-unguided", 50.0),
+                            setting("expert-k4-free2", 70.0), setting("expert-k4-best-of-64", 60.0)]}
+    best = gs.choose_best(summary, data)
+    assert best == {"expert-k1": {"setting": "expert-k1-best-of-4", "normalized": 95.0},
+                    "expert-k4": {"setting": "expert-k4-free2", "normalized": 70.0}}
+    with pytest.raises(ValueError):
+        gs.choose_best({"settings": [setting("expert-k1-unguided", 1.0)]}, data)
