@@ -12,6 +12,10 @@ place (:meth:`~diffusion_rl.planner.Planner.with_objective`).
 
 Both score a plan by minus the mean squared distance of its future states (rows 1..H-1; row 0 is the
 real state, which no plan can change) from the target, in the environment's units.
+
+Alone, an objective knows nothing of falling: pushed hard toward a speed, plans leave what the walker can
+do. :class:`WithValue` adds it to the value network's return, ``V(tau) + weight * objective(tau)``, so
+guidance asks for a good walk at the chosen speed.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 
 from diffusion_rl.data import Normalizer
 
-__all__ = ["OBJECTIVES", "Objective", "make_objective", "target_height", "target_speed"]
+__all__ = ["OBJECTIVES", "Objective", "WithValue", "make_objective", "target_height", "target_speed"]
 
 SPEED_INDEX = 8
 """Walker2d-v5's observation 8: the torso's forward (x) velocity in m/s."""
@@ -58,6 +62,19 @@ class Objective(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, observation={self.index}, target={self.target:g}"
+
+
+class WithValue(nn.Module):
+    """``value(x, t) + weight * objective(x, t)``: the value network's return plus a weighted objective, shape (B,)."""
+
+    def __init__(self, value: nn.Module, objective: Objective, weight: float):
+        super().__init__()
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"The objective's weight must be a finite number >= 0, got {weight!r}.")
+        self.value, self.objective, self.weight = value, objective, float(weight)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.value(x, t) + self.weight * self.objective(x, t)
 
 
 def target_speed(normalizer: Normalizer, action_dim: int, speed: float) -> Objective:

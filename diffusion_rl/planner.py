@@ -24,7 +24,7 @@ from diffusion_rl.diffusion import ClassifierFree, GaussianDiffusion, Guide, Gui
 from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import ENV_ID, make_env
 from diffusion_rl.models import ValueNet
-from diffusion_rl.objectives import HEIGHT_INDEX, SPEED_INDEX, make_objective
+from diffusion_rl.objectives import HEIGHT_INDEX, SPEED_INDEX, WithValue, make_objective
 from diffusion_rl.runtime import torch_threads
 
 __all__ = ["Planner", "Plan", "EpisodeResult", "rollout", "shift_plan", "summarize", "check_window", "check_guidance_scale", "episode_generator"]
@@ -136,16 +136,22 @@ class Planner:
         self.objective = objective
         if objective is None:
             self.value = self.value_net
-        else:
-            name, target = objective
-            self.value = make_objective(name, self.normalizer, self.action_dim, target).to(self.device)
+            return
+        name, target, *weight = objective
+        score = make_objective(name, self.normalizer, self.action_dim, target).to(self.device)
+        if weight:  # (name, target, weight): the value network's return plus the weighted objective
+            if self.value_net is None:
+                raise ValueError("An objective weighted against the value network needs a planner with a value network.")
+            score = WithValue(self.value_net, score, weight[0])
+        self.value = score
 
     OPTIONS = ("n_guide_steps", "t_stopgrad", "scale_by_variance", "guide_placement", "clip_actions", "classifier_free", "objective")
     """Sampling options that :meth:`with_options` may change; the networks stay shared.
 
     ``classifier_free = (target, weight)``: classifier-free guidance toward that return (a denoiser
     trained with ``--returns-condition``); ``objective = (name, target)``: a test-time objective
-    (:mod:`diffusion_rl.objectives`) that guidance and best-of-N use instead of the value network.
+    (:mod:`diffusion_rl.objectives`) that guidance and best-of-N use instead of the value network;
+    ``(name, target, weight)``: added to the value network's return with that weight.
     """
 
     def with_options(self, **options) -> Planner:

@@ -261,3 +261,36 @@ def test_medium_expert_is_the_medium_set_then_the_expert_set(tmp_path, monkeypat
     assert "1 : 1" in ds.storage.metadata["algorithm_name"]
     with pytest.raises(ValueError, match="takes no policy"):
         collect.make_dataset(progress=False, recipe="medium-expert", n_episodes=4)
+
+
+def test_a_medium_expert_build_killed_mid_write_leaves_nothing_loadable_and_reruns_the_same(tmp_path, monkeypatch, policy_file):
+    import minari
+
+    from diffusion_rl.data import is_complete_dataset, local_dataset_path
+
+    def sources(root):
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+        collect.make_dataset(n_episodes=2, policy_path=policy_file, progress=False, recipe="medium")
+        collect.make_dataset(n_episodes=2, policy_path=policy_file, progress=False, first_seed=500)
+
+    sources(tmp_path / "a")
+    reference = episodes(collect.make_dataset(progress=False, recipe="medium-expert"))
+    sources(tmp_path / "b")
+    real = minari.create_dataset_from_buffers
+
+    def write_half_then_die(*args, **kwargs):
+        real(*args, **kwargs)  # the staged copy is complete ...
+        raise KeyboardInterrupt  # ... but the process dies before it is moved into place
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", write_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        collect.make_dataset(progress=False, recipe="medium-expert")
+    final = local_dataset_path("walker2d/local-medium-expert-v0")
+    assert not final.exists() and not is_complete_dataset(final)
+    with pytest.raises(Exception):
+        load_dataset("walker2d/local-medium-expert-v0", download=False)
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", real)
+    rebuilt = episodes(collect.make_dataset(progress=False, recipe="medium-expert"))
+    for a, b in zip(rebuilt, reference, strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
