@@ -129,6 +129,17 @@ def choose_best(summary: dict, data: Sequence[GuidanceData] = GUIDANCE_DATA, win
     return best
 
 
+def data_profile(dataset_id: str) -> dict:
+    """What the chapter shows of a data set without loading it: size, falls, and each episode's return and mean speed."""
+    from diffusion_rl.data import load_episodes
+    from diffusion_rl.objectives import SPEED_INDEX
+
+    episodes = load_episodes(dataset_id)
+    return {"episodes": len(episodes), "steps": int(sum(len(e) for e in episodes)), "falls": int(sum(e.terminated for e in episodes)),
+            "returns": [round(float(e.rewards.sum()), 1) for e in episodes],
+            "mean_speeds": [round(float(e.observations[1:, SPEED_INDEX].mean()), 3) for e in episodes]}
+
+
 def guidance_study(
     out_dir: str | os.PathLike,
     command: str = "",
@@ -146,8 +157,7 @@ def guidance_study(
     rerun without it to write the results.
     """
     reference = "walker2d-h8"  # scores are normalized by the expert data's mean return, as everywhere in the book
-    speed = next(d for d in data if d.planner == SPEED_DATA) if any(d.planner == SPEED_DATA for d in data) else None
-    arms = guidance_arms(data) + (objective_arms(speed) if speed is not None else [])
+    arms = guidance_arms(data)
     planner, identity = load(reference)
     planners = {name: load(name) for name in dict.fromkeys(a.planner for a in arms)}
     out = Path(out_dir)
@@ -159,6 +169,7 @@ def guidance_study(
     best = choose_best(tuned, data)
     comparisons = [Comparison(f"{group}-unguided", choice["setting"]) for group, choice in best.items()]
     notes = {"tuning": "tuning/summary.json", "best": best,
-             "rule": "per data set and window, the steering setting with the highest mean score on the tuning seeds"}
+             "rule": "per data set and window, the steering setting with the highest mean score on the tuning seeds",
+             "data": {d.dataset_id: data_profile(d.dataset_id) for d in data}}
     return run_experiment(planner, arms, seeds, out, identity, command, comparisons, max_steps, progress, notes=notes,
                           planners=planners)

@@ -98,6 +98,7 @@ class Planner:
         clip_actions: bool = False,
         classifier_free: tuple[float, float] | None = None,
         objective: tuple[str, float] | None = None,
+        guide_by_value: bool = False,
     ):
         if not isinstance(min_batch, int) or min_batch < 1:
             raise ValueError(f"min_batch must be a positive integer, got {min_batch!r}.")
@@ -113,6 +114,7 @@ class Planner:
         self.n_guide_steps, self.t_stopgrad, self.scale_by_variance = n_guide_steps, t_stopgrad, scale_by_variance
         self.guide_placement = guide_placement
         self.clip_actions = clip_actions
+        self.guide_by_value = guide_by_value
         self.min_batch = min_batch
         if value is not None and (value.cfg.horizon, value.cfg.transition_dim) != (self.horizon, diffusion.transition_dim):
             raise ValueError(
@@ -145,13 +147,15 @@ class Planner:
             score = WithValue(self.value_net, score, weight[0])
         self.value = score
 
-    OPTIONS = ("n_guide_steps", "t_stopgrad", "scale_by_variance", "guide_placement", "clip_actions", "classifier_free", "objective")
+    OPTIONS = ("n_guide_steps", "t_stopgrad", "scale_by_variance", "guide_placement", "clip_actions", "classifier_free", "objective",
+               "guide_by_value")
     """Sampling options that :meth:`with_options` may change; the networks stay shared.
 
     ``classifier_free = (target, weight)``: classifier-free guidance toward that return (a denoiser
     trained with ``--returns-condition``); ``objective = (name, target)``: a test-time objective
     (:mod:`diffusion_rl.objectives`) that guidance and best-of-N use instead of the value network;
-    ``(name, target, weight)``: added to the value network's return with that weight.
+    ``(name, target, weight)``: added to the value network's return with that weight. ``guide_by_value``:
+    the gradient follows the value network while the objective picks among best-of-N's samples.
     """
 
     def with_options(self, **options) -> Planner:
@@ -199,9 +203,10 @@ class Planner:
         scale = check_guidance_scale(scale)
         if scale is None:
             return None
-        if self.value is None:
+        net = self.value_net if self.guide_by_value else self.value
+        if net is None:
             raise ValueError("Guidance needs a value network or an objective; this planner was loaded without a value network.")
-        return Guide(self.value, scale, self.n_guide_steps, self.t_stopgrad, self.scale_by_variance, self.guide_placement)
+        return Guide(net, scale, self.n_guide_steps, self.t_stopgrad, self.scale_by_variance, self.guide_placement)
 
     def guide_settings(self) -> dict:
         """The guidance options, as results record them."""
@@ -270,6 +275,8 @@ class Planner:
                                         action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]),
                                         free=self.classifier_free)
             x, values, chain = out.trajectories, out.values, out.chain
+            if guide is not None and guide.value is not self.value:
+                values = None  # the guide scored the plans by the value network; the objective chooses among them
             if values is None and self.value is not None and (with_values or n_samples > 1):
                 values = self.value(x, torch.zeros(len(x), dtype=torch.long, device=x.device))
         # Plain tensors again (not inference tensors), so callers may differentiate through them.

@@ -184,3 +184,23 @@ def test_labelled_arms_write_their_columns_and_measures(runs, tmp_path):
     with pytest.raises(ValueError, match="same label columns"):
         experiment.run_experiment(planner, [arms[0], Arm("x", 2, labels=(("method", "u"),))], [10000], tmp_path / "b", {}, "",
                                   max_steps=4, progress=False)
+
+
+def test_an_objective_weighted_against_the_value_adds_to_the_return(runs):
+    planner = pretrained.load_run(runs[0], runs[1])
+    both = planner.with_options(objective=("speed", 1.0, 20.0))
+    x = planner.plan(np.zeros((3, planner.obs_dim), np.float32), seed=1).trajectories
+    t = torch.zeros(3, dtype=torch.long)
+    speed = make_objective("speed", planner.normalizer, planner.action_dim, 1.0)
+    assert torch.allclose(both.value(x, t), planner.value(x, t) + 20.0 * speed(x, t), atol=1e-4)
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        planner.with_options(objective=("speed", 1.0, -1.0))
+    with pytest.raises(ValueError, match="needs a planner with a value network"):
+        pretrained.load_run(runs[0]).with_options(objective=("speed", 1.0, 2.0))
+
+
+def test_guided_by_the_value_selected_by_the_objective(runs):
+    planner = pretrained.load_run(runs[0], runs[1]).with_options(objective=("height", 1.2), guide_by_value=True)
+    assert planner.guide(0.1).value is planner.value_net
+    plan = planner.plan(np.zeros((2, planner.obs_dim), np.float32), guidance_scale=0.1, n_samples=4, seed=0)
+    assert np.allclose(plan.values, planner.value(plan.trajectories, torch.zeros(2, dtype=torch.long)).numpy(), atol=1e-5)

@@ -1,0 +1,153 @@
+"""Figures and tables of the guidance study (the chapter "When guidance matters").
+
+Everything here reads a finished study's ``summary.json`` (and its rows), so the chapter's cells stay
+short and the numbers it prints come from the shipped results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffusion_rl.analysis import paired_difference
+
+__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "method_table_html",
+           "plot_steering", "settings_of", "speed_targets"]
+
+DATA_LABELS = {"walker2d/local-expert-v0": "expert", "walker2d/local-medium-replay-v0": "medium-replay",
+               "walker2d/local-medium-expert-v0": "medium-expert"}
+METHOD_LABELS = {"unguided": "unguided", "gradient": "gradient guidance (κ)", "best-of-n": "best-of-N (N)",
+                 "classifier-free": "classifier-free (w)"}
+
+D4RL_SCORES = {
+    "medium-replay": {"BC": 26.0, "Diffuser (guided)": 70.6, "Decision Diffuser": 75.0},
+    "medium-expert": {"BC": 107.5, "Diffuser (guided)": 106.9, "Decision Diffuser": 108.8},
+}
+"""Published D4RL Walker2d scores (normalized by D4RL's own random and expert returns): BC and Decision Diffuser from
+the Decision Diffuser paper's table, Diffuser from its README (medium-replay 70.6 +- 1.6, medium-expert 106.9 +- 0.2)."""
+
+
+def settings_of(summary: dict, dataset: str | None = None, window: int | None = None, method: str | None = None) -> list[dict]:
+    """The summary's settings with the given data set, window and method (None: any)."""
+    out = []
+    for s in summary["settings"]:
+        labels = s.get("labels", {})
+        if dataset is not None and labels.get("dataset") != dataset:
+            continue
+        if window is not None and s["window"] != window:
+            continue
+        if method is not None and labels.get("method") != method:
+            continue
+        if labels.get("target_speed") is not None or labels.get("target_height") is not None:
+            continue  # the objective arms are not return steering
+        out.append(s)
+    return out
+
+
+def plot_steering(summary: dict, window: int, datasets: Sequence[str] | None = None):
+    """Score against each steering method's scale, one panel per data set; the unguided planner is the grey band."""
+    import matplotlib.pyplot as plt
+
+    datasets = list(datasets or DATA_LABELS)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), sharey=True, squeeze=False)
+    colors = {"gradient": "tab:blue", "best-of-n": "tab:orange", "classifier-free": "tab:green"}
+    for ax, dataset in zip(axes[0], datasets):
+        base = settings_of(summary, dataset, window, "unguided")
+        if base:
+            lo, hi = base[0]["normalized"]["ci95"]
+            ax.axhspan(lo, hi, color="0.85", label="unguided (95% CI)")
+            ax.axhline(base[0]["normalized"]["mean"], color="0.4", lw=1)
+        for j, method in enumerate(colors):
+            own = sorted(settings_of(summary, dataset, window, method), key=lambda s: s["labels"]["scale"])
+            if not own:
+                continue
+            x = np.arange(len(own)) + 4 * j
+            means = np.array([s["normalized"]["mean"] for s in own])
+            ci = np.array([s["normalized"]["ci95"] for s in own]).T
+            ax.errorbar(x, means, yerr=[means - ci[0], ci[1] - means], fmt="o-", color=colors[method], capsize=3,
+                        label=METHOD_LABELS[method])
+            for xi, s in zip(x, own):
+                ax.annotate(f"{s['labels']['scale']:g}", (xi, s["normalized"]["ci95"][0]), textcoords="offset points",
+                            xytext=(0, -12), ha="center", fontsize=8, color=colors[method])
+        ax.set_title(f"{DATA_LABELS.get(dataset, dataset)} data, k = {window}")
+        ax.set_xticks([])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("score, % of the expert data's return")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def best_versus_unguided(summary: dict) -> list[dict]:
+    """The study's headline comparisons: the tuning seeds' best steering setting minus unguided, per data set and window."""
+    settings = {s["name"]: s for s in summary["settings"]}
+    out = []
+    for c in summary["comparisons"]:
+        best, base = settings[c["treatment"]], settings[c["baseline"]]
+        out.append({"dataset": best["labels"]["dataset"], "window": best["window"], "setting": c["treatment"],
+                    "method": best["labels"]["method"], "scale": best["labels"]["scale"],
+                    "unguided": base["normalized"]["mean"], "best": best["normalized"]["mean"],
+                    "difference": c["normalized"]["mean"], "ci95": c["normalized"]["ci95"],
+                    "falls": (base["falls"], best["falls"]), "episodes": best["episodes"]})
+    return out
+
+
+def method_table_html(summary: dict, window: int) -> str:
+    """Every data set's score, falls and planning cost for each method and scale at window k, as an HTML table."""
+    head = "<tr><th>data</th><th>method</th><th>scale</th><th>score [95% CI]</th><th>falls</th><th>denoiser evals / step</th></tr>"
+    rows = []
+    for dataset in DATA_LABELS:
+        for method in METHOD_LABELS:
+            for s in sorted(settings_of(summary, dataset, window, method), key=lambda s: s["labels"]["scale"] or 0):
+                lo, hi = s["normalized"]["ci95"]
+                scale = "" if s["labels"]["scale"] is None else f"{s['labels']['scale']:g}"
+                rows.append(f"<tr><td>{DATA_LABELS[dataset]}</td><td>{method}</td><td>{scale}</td>"
+                            f"<td>{s['normalized']['mean']:.1f} [{lo:.1f}, {hi:.1f}]</td><td>{s['falls']}/{s['episodes']}</td>"
+                            f"<td>{s['denoiser_evals_per_step']:.1f}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def d4rl_table_html(summary: dict, window: int = 1) -> str:
+    """D4RL's published Walker2d scores beside ours (unguided and the best steering setting), normalized the D4RL way."""
+    references = summary["references"]
+    lo_ref, hi_ref = references["random_return"], references["expert_return"]
+    rows = []
+    for dataset, label in DATA_LABELS.items():
+        if label not in D4RL_SCORES:
+            continue
+        ours = settings_of(summary, dataset, window)
+        if not ours:
+            continue
+        unguided = next(s for s in ours if s["labels"]["method"] == "unguided")
+        best = max((s for s in ours if s["labels"]["method"] != "unguided"), key=lambda s: s["normalized"]["mean"])
+
+        def d4rl(s):
+            return 100 * (s["return"]["mean"] - lo_ref) / (hi_ref - lo_ref)
+
+        published = ", ".join(f"{k} {v:g}" for k, v in D4RL_SCORES[label].items())
+        rows.append(f"<tr><td>{label}</td><td>{published}</td><td>{d4rl(unguided):.1f}</td>"
+                    f"<td>{d4rl(best):.1f} ({best['labels']['method']}, {best['labels']['scale']:g})</td></tr>")
+    head = ("<tr><th>data</th><th>published (D4RL, normalized)</th><th>ours, unguided</th>"
+            f"<th>ours, best steering on these seeds (k = {window})</th></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def speed_targets(rows: list[dict], method: str | None = None) -> dict:
+    """Achieved mean speed against target over the speed rows: Pearson r, mean absolute error, falls per target."""
+    speed = [r for r in rows if r.get("target_speed") is not None and (method is None or r["method"] == method)]
+    targets = sorted({r["target_speed"] for r in speed})
+    per = {t: [r for r in speed if r["target_speed"] == t] for t in targets}
+    achieved = np.array([np.mean([r["mean_speed"] for r in per[t]]) for t in targets])
+    r = float(np.corrcoef(targets, achieved)[0, 1]) if len(targets) > 1 else float("nan")
+    return {"targets": targets, "achieved": achieved.tolist(), "pearson_r": r,
+            "mae": float(np.mean(np.abs(achieved - np.array(targets)))),
+            "falls": {t: int(sum(x["fell"] for x in per[t])) for t in targets}, "episodes": {t: len(per[t]) for t in targets}}
+
+
+def paired(rows: list[dict], baseline: str, treatment: str, key: str = "normalized") -> dict:
+    """A paired difference (treatment minus baseline, same seeds) from episode rows."""
+    base = {r["seed"]: r[key] for r in rows if r["setting"] == baseline}
+    treat = {r["seed"]: r[key] for r in rows if r["setting"] == treatment}
+    common = sorted(set(base) & set(treat))
+    return paired_difference([base[s] for s in common], [treat[s] for s in common])
