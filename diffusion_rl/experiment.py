@@ -244,6 +244,7 @@ def run_experiment(
     if any(a.is_expert for a in arms):
         actor, expert_meta = _load_expert()
         spec["expert"] = {"sha256": expert_meta["sha256"], "deterministic": True}
+    spec = json.loads(json.dumps(spec))  # as a record holds it (tuples become lists), so a resumed run compares like with like
     out = Path(out_dir)
     record_path = out / "record.json"
     if record_path.exists():

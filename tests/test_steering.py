@@ -181,6 +181,9 @@ def test_labelled_arms_write_their_columns_and_measures(runs, tmp_path):
     assert all(r["mean_speed"] is None and r["target_speed"] is None for r in plain)
     assert all(isinstance(r["mean_speed"], float) and r["target_speed"] == 2.0 for r in fast)
     assert "mean_speed" in summary["settings"][1] and "mean_speed" not in summary["settings"][0]
+    # Rerun: tuple-valued options and labels compare equal to the record's lists, so the study resumes.
+    again = experiment.run_experiment(planner, arms, [10000, 10001], tmp_path, {"source": "test"}, "test", max_steps=12, progress=False)
+    assert again == summary
     with pytest.raises(ValueError, match="same label columns"):
         experiment.run_experiment(planner, [arms[0], Arm("x", 2, labels=(("method", "u"),))], [10000], tmp_path / "b", {}, "",
                                   max_steps=4, progress=False)
