@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["plot_learning_curve", "plot_snapshot", "runs_table_html", "targets"]
+__all__ = ["paired_by_window", "plot_learning_curve", "plot_snapshot", "runs_table_html", "targets"]
 
 
 def plot_learning_curve(curve: Sequence[dict], snapshots: Sequence[dict] = (), data_label: str = "training episodes"):
@@ -95,3 +95,15 @@ def targets(before: dict, after: dict, cost: dict, horizon: int = 8) -> list[dic
         {"target": "fine-tuning cost at most 2 CPU hours", "value": cost["wall_time_s"] / 3600, "met": cost["wall_time_s"] <= 7200},
     ]
     return rows
+
+
+def paired_by_window(before, after, window: int) -> dict:
+    """Unguided scores at window k, ``after`` minus ``before`` (two sweeps' results) on the same seeds: mean and 95% CI."""
+    from diffusion_rl.analysis import paired_difference
+
+    def scores(res):
+        return {r["seed"]: r["normalized"] for r in res.episodes if r["window"] == window and not r["guided"]}
+
+    b, a = scores(before), scores(after)
+    seeds = sorted(set(b) & set(a))
+    return paired_difference([b[s] for s in seeds], [a[s] for s in seeds])
