@@ -13,7 +13,7 @@ import numpy as np
 from diffusion_rl.analysis import paired_difference
 
 __all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "method_table_html",
-           "plot_steering", "settings_of", "speed_targets"]
+           "paired", "plot_data_returns", "plot_steering", "settings_of", "speed_targets"]
 
 DATA_LABELS = {"walker2d/local-expert-v0": "expert", "walker2d/local-medium-replay-v0": "medium-replay",
                "walker2d/local-medium-expert-v0": "medium-expert"}
@@ -43,6 +43,22 @@ def settings_of(summary: dict, dataset: str | None = None, window: int | None = 
             continue  # the objective arms are not return steering
         out.append(s)
     return out
+
+
+def plot_data_returns(profiles: dict, reference_return: float):
+    """Each data set's episode returns, as % of the expert data's mean return: what a value function can choose between."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.0), sharex=True, squeeze=False)
+    bins = np.linspace(0, 110, 23)
+    for ax, (dataset, p) in zip(axes[0], profiles.items()):
+        score = 100 * np.asarray(p["returns"]) / reference_return
+        ax.hist(np.clip(score, 0, 110), bins=bins, color="tab:gray")
+        ax.set_title(f"{DATA_LABELS.get(dataset, dataset)}: {p['episodes']} episodes, {p['falls']} falls", fontsize=10)
+        ax.set_xlabel("episode return, % of the expert data's")
+    axes[0][0].set_ylabel("episodes")
+    fig.tight_layout()
+    return fig
 
 
 def plot_steering(summary: dict, window: int, datasets: Sequence[str] | None = None):

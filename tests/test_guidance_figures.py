@@ -1,0 +1,62 @@
+"""The guidance chapter's figures and tables, on a small summary of the study's shape."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+from diffusion_rl import guidance_figures as gf  # noqa: E402
+
+MR = "walker2d/local-medium-replay-v0"
+
+
+def setting(name, method, scale, mean, k=1, falls=0, **labels):
+    return {"name": name, "window": k, "episodes": 30, "falls": falls, "denoiser_evals_per_step": 5.0,
+            "labels": {"dataset": MR, "method": method, "scale": scale, "target_speed": None, "target_height": None, **labels},
+            "normalized": {"mean": mean, "ci95": [mean - 5, mean + 5]}, "return": {"mean": mean * 43.46, "ci95": [0, 0]}}
+
+
+SUMMARY = {
+    "references": {"random_return": 3.7, "expert_return": 4385.3},
+    "settings": [setting("mreplay-k1-unguided", "unguided", None, 6.0, falls=30),
+                 setting("mreplay-k1-gradient0.03", "gradient", 0.03, 40.0, falls=20),
+                 setting("mreplay-k1-best-of-16", "best-of-n", 16, 52.0, falls=15),
+                 setting("mreplay-k1-free4", "classifier-free", 4.0, 49.0, falls=20),
+                 setting("mreplay-speed1", "gradient", 1.0, 30.0, target_speed=1.0)],
+    "comparisons": [{"baseline": "mreplay-k1-unguided", "treatment": "mreplay-k1-best-of-16",
+                     "normalized": {"mean": 46.0, "ci95": [35.0, 57.0]}}],
+}
+
+
+def test_settings_leave_out_the_objective_arms():
+    names = [s["name"] for s in gf.settings_of(SUMMARY, MR, 1)]
+    assert "mreplay-speed1" not in names and len(names) == 4
+    assert [s["name"] for s in gf.settings_of(SUMMARY, MR, 1, "best-of-n")] == ["mreplay-k1-best-of-16"]
+
+
+def test_the_headline_is_the_tuning_best_against_unguided():
+    (row,) = gf.best_versus_unguided(SUMMARY)
+    assert row["method"] == "best-of-n" and row["scale"] == 16 and row["difference"] == 46.0 and row["falls"] == (30, 15)
+
+
+def test_tables_and_figures_render():
+    html = gf.method_table_html(SUMMARY, 1)
+    assert html.count("<tr>") == 5 and "best-of-n" in html
+    d4rl = gf.d4rl_table_html(SUMMARY)
+    assert "70.6" in d4rl and "medium-replay" in d4rl
+    fig = gf.plot_steering(SUMMARY, 1, [MR])
+    assert len(fig.axes) == 1
+    fig = gf.plot_data_returns({MR: {"episodes": 3, "falls": 2, "returns": [10.0, 500.0, 4000.0]}}, 4346.0)
+    assert len(fig.axes) == 1
+
+
+def test_speed_targets_measure_tracking_and_falls():
+    rows = [{"target_speed": t, "mean_speed": t + d, "fell": int(f), "method": "gradient"}
+            for t, d, f in [(1.0, 0.1, 0), (1.0, -0.1, 1), (2.0, 0.2, 0), (2.0, 0.0, 0), (3.0, -0.3, 0), (3.0, -0.1, 0)]]
+    rows.append({"target_speed": None, "mean_speed": None, "fell": 0, "method": "unguided"})
+    out = gf.speed_targets(rows)
+    assert out["targets"] == [1.0, 2.0, 3.0] and out["falls"] == {1.0: 1, 2.0: 0, 3.0: 0}
+    assert out["mae"] == pytest.approx((0.0 + 0.1 + 0.2) / 3) and out["pearson_r"] > 0.99
