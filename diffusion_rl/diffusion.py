@@ -17,6 +17,7 @@ is the clean trajectory. Every stage is returned on request (``return_chain``) s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -342,6 +343,7 @@ class GaussianDiffusion(nn.Module):
         action_bounds: ActionBounds | None = None,
         warm_start: tuple[torch.Tensor, int] | None = None,
         free: ClassifierFree | None = None,
+        inpaint: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Sample:
         """Sample plans that start at ``state`` (B, obs_dim), normalized.
 
@@ -368,27 +370,31 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(n_steps + 1, B, self.horizon, self.transition_dim)}.")
         noise = noise.to(state.device, state.dtype)
 
+        def fix(x: torch.Tensor) -> torch.Tensor:
+            condition(x, state, self.action_dim)
+            return x if inpaint is None else inpaint(x)
+
         if warm_start is None:
-            x = condition(noise[0].clone(), state, self.action_dim)
+            x = fix(noise[0].clone())
         else:
             t_top = torch.full((B,), top, device=state.device, dtype=torch.long)
-            x = condition(self.schedule.q_sample(warm_start[0].to(state.device, state.dtype), t_top, noise[0]), state, self.action_dim)
+            x = fix(self.schedule.q_sample(warm_start[0].to(state.device, state.dtype), t_top, noise[0]))
         chain = [x.clone()] if return_chain else None
         for i, t_int in enumerate(levels):
             t_next = levels[i + 1] if i + 1 < len(levels) else -1  # the level x reaches; -1 is the clean plan
             guided = guide is not None and i < len(levels) - guide.t_stopgrad
             if guided and guide.placement == "before":
-                x = self._guide(x, t_int, self.schedule.step_variance(t_int, t_next), guide, state)
+                x = self._guide(x, t_int, self.schedule.step_variance(t_int, t_next), guide, fix)
             t = torch.full((B,), t_int, device=state.device, dtype=torch.long)
             if ddim_steps is None:
                 mean, log_var = self.p_mean_log_variance(x, t, action_bounds, free)
                 x = mean + (t_int > 0) * torch.exp(0.5 * log_var) * noise[i + 1]
             else:
                 x = self._ddim_step(x, t, t_next, action_bounds, free)
-            condition(x, state, self.action_dim)
+            fix(x)
             if guided and guide.placement == "after":
                 # The value net knows no clean level: a finished plan is scored as level 0.
-                x = self._guide(x, max(t_next, 0), self.schedule.step_variance(t_int, t_next), guide, state)
+                x = self._guide(x, max(t_next, 0), self.schedule.step_variance(t_int, t_next), guide, fix)
             if return_chain:
                 chain.append(x.clone())
 
@@ -420,14 +426,15 @@ class GaussianDiffusion(nn.Module):
         abar_next = self.schedule.alpha_bar[t_next] if t_next >= 0 else torch.ones((), device=x.device)
         return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps
 
-    def _guide(self, x: torch.Tensor, level: int, variance: float, guide: Guide, state: torch.Tensor) -> torch.Tensor:
-        """Push x, which sits at noise ``level``, up the value gradient (scored at that level); re-condition after each push."""
+    def _guide(self, x: torch.Tensor, level: int, variance: float, guide: Guide,
+               fix: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Push x, which sits at noise ``level``, up the value gradient (scored at that level); ``fix`` it again after each push."""
         t = torch.full((x.shape[0],), level, device=x.device, dtype=torch.long)
         for _ in range(guide.n_steps):
             grad = guide.gradient(x, t)
             if guide.scale_by_variance:
                 grad = grad * variance
-            x = condition(x + guide.scale * grad, state, self.action_dim)
+            x = fix(x + guide.scale * grad)
         return x
 
 

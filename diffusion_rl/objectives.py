@@ -60,6 +60,11 @@ class Objective(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return -((self.measure(x) - self.target) ** 2).mean(1)
 
+    def inpaint(self, x: torch.Tensor) -> torch.Tensor:
+        """Write the target into the planned quantity of every future step of normalized plans x, in place; returns x."""
+        x[:, 1:, self.column] = (self.target - self.shift) / self.scale
+        return x
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, observation={self.index}, target={self.target:g}"
 

@@ -99,6 +99,7 @@ class Planner:
         classifier_free: tuple[float, float] | None = None,
         objective: tuple[str, float] | None = None,
         guide_by_value: bool = False,
+        inpaint: tuple[str, float] | None = None,
     ):
         if not isinstance(min_batch, int) or min_batch < 1:
             raise ValueError(f"min_batch must be a positive integer, got {min_batch!r}.")
@@ -115,6 +116,7 @@ class Planner:
         self.guide_placement = guide_placement
         self.clip_actions = clip_actions
         self.guide_by_value = guide_by_value
+        self.inpaint = inpaint
         self.min_batch = min_batch
         if value is not None and (value.cfg.horizon, value.cfg.transition_dim) != (self.horizon, diffusion.transition_dim):
             raise ValueError(
@@ -148,7 +150,7 @@ class Planner:
         self.value = score
 
     OPTIONS = ("n_guide_steps", "t_stopgrad", "scale_by_variance", "guide_placement", "clip_actions", "classifier_free", "objective",
-               "guide_by_value")
+               "guide_by_value", "inpaint")
     """Sampling options that :meth:`with_options` may change; the networks stay shared.
 
     ``classifier_free = (target, weight)``: classifier-free guidance toward that return (a denoiser
@@ -156,6 +158,8 @@ class Planner:
     (:mod:`diffusion_rl.objectives`) that guidance and best-of-N use instead of the value network;
     ``(name, target, weight)``: added to the value network's return with that weight. ``guide_by_value``:
     the gradient follows the value network while the objective picks among best-of-N's samples.
+    ``inpaint = (name, target)``: write the objective's target into every future step of every intermediate
+    plan, as the current state is written (a constraint, no gradient).
     """
 
     def with_options(self, **options) -> Planner:
@@ -173,7 +177,15 @@ class Planner:
                 setattr(other, name, value)
         other._set_steering(**steering)
         other.guide(0.0 if other.value is not None else None)  # validates the guidance options now, not mid-episode
+        other._inpainter()  # and the constraint
         return other
+
+    def _inpainter(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The ``inpaint`` option as a function of intermediate plans (None without one)."""
+        if self.inpaint is None:
+            return None
+        name, target = self.inpaint
+        return make_objective(name, self.normalizer, self.action_dim, target).to(self.device).inpaint
 
     @property
     def evals_per_step(self) -> int:
@@ -273,7 +285,7 @@ class Planner:
             bounds = self.action_bounds() if self.clip_actions else None
             out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain,
                                         action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]),
-                                        free=self.classifier_free)
+                                        free=self.classifier_free, inpaint=self._inpainter())
             x, values, chain = out.trajectories, out.values, out.chain
             if guide is not None and guide.value is not self.value:
                 values = None  # the guide scored the plans by the value network; the objective chooses among them

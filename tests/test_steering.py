@@ -207,3 +207,12 @@ def test_guided_by_the_value_selected_by_the_objective(runs):
     assert planner.guide(0.1).value is planner.value_net
     plan = planner.plan(np.zeros((2, planner.obs_dim), np.float32), guidance_scale=0.1, n_samples=4, seed=0)
     assert np.allclose(plan.values, planner.value(plan.trajectories, torch.zeros(2, dtype=torch.long)).numpy(), atol=1e-5)
+
+
+def test_an_inpainted_target_is_in_every_future_step_of_the_plan(runs):
+    planner = pretrained.load_run(runs[0], runs[1]).with_options(inpaint=("speed", 1.7))
+    plan = planner.plan(np.zeros((3, planner.obs_dim), np.float32), seed=2, ddim_steps=3)
+    assert np.allclose(plan.observations[:, 1:, SPEED_INDEX], 1.7, atol=1e-5)
+    assert not np.allclose(plan.observations[:, 0, SPEED_INDEX], 1.7), "the current state stays the real one"
+    with pytest.raises(ValueError, match="must be a finite number"):
+        planner.with_options(inpaint=("speed", math.nan))
