@@ -47,10 +47,14 @@ def test_tables_and_figures_render():
     assert html.count("<tr>") == 5 and "best-of-n" in html
     d4rl = gf.d4rl_table_html(SUMMARY)
     assert "70.6" in d4rl and "medium-replay" in d4rl
+    import matplotlib.pyplot as plt
+
     fig = gf.plot_steering(SUMMARY, 1, [MR])
     assert len(fig.axes) == 1
+    plt.close(fig)  # later tests expect no open figures
     fig = gf.plot_data_returns({MR: {"episodes": 3, "falls": 2, "returns": [10.0, 500.0, 4000.0]}}, 4346.0)
     assert len(fig.axes) == 1
+    plt.close(fig)
 
 
 def test_speed_targets_measure_tracking_and_falls():
