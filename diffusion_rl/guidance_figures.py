@@ -10,10 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diffusion_rl.analysis import paired_difference
-
 __all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "method_table_html",
-           "paired", "plot_data_returns", "plot_steering", "settings_of", "speed_targets"]
+           "plot_data_returns", "plot_steering", "settings_of", "speed_targets"]
 
 DATA_LABELS = {"walker2d/local-expert-v0": "expert", "walker2d/local-medium-replay-v0": "medium-replay",
                "walker2d/local-medium-expert-v0": "medium-expert"}
@@ -160,10 +158,3 @@ def speed_targets(rows: list[dict], method: str | None = None) -> dict:
             "mae": float(np.mean(np.abs(achieved - np.array(targets)))),
             "falls": {t: int(sum(x["fell"] for x in per[t])) for t in targets}, "episodes": {t: len(per[t]) for t in targets}}
 
-
-def paired(rows: list[dict], baseline: str, treatment: str, key: str = "normalized") -> dict:
-    """A paired difference (treatment minus baseline, same seeds) from episode rows."""
-    base = {r["seed"]: r[key] for r in rows if r["setting"] == baseline}
-    treat = {r["seed"]: r[key] for r in rows if r["setting"] == treatment}
-    common = sorted(set(base) & set(treat))
-    return paired_difference([base[s] for s in common], [treat[s] for s in common])

@@ -117,6 +117,7 @@ class Planner:
         self.clip_actions = clip_actions
         self.guide_by_value = guide_by_value
         self.inpaint = inpaint
+        self._inpaint_fn = self._inpainter()
         self.min_batch = min_batch
         if value is not None and (value.cfg.horizon, value.cfg.transition_dim) != (self.horizon, diffusion.transition_dim):
             raise ValueError(
@@ -177,7 +178,7 @@ class Planner:
                 setattr(other, name, value)
         other._set_steering(**steering)
         other.guide(0.0 if other.value is not None else None)  # validates the guidance options now, not mid-episode
-        other._inpainter()  # and the constraint
+        other._inpaint_fn = other._inpainter()  # built (and checked) once, not at every plan
         return other
 
     def _inpainter(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -208,6 +209,7 @@ class Planner:
         self.diffusion.to(device)
         for net in {id(v): v for v in (self.value, self.value_net) if v is not None}.values():
             net.to(device)
+        self._inpaint_fn = self._inpainter()  # its target lives on the device too
         return self
 
     def guide(self, scale: float | None) -> Guide | None:
@@ -285,7 +287,7 @@ class Planner:
             bounds = self.action_bounds() if self.clip_actions else None
             out = self.diffusion.sample(cond, noise=noise, guide=guide, ddim_steps=ddim_steps, return_chain=return_chain,
                                         action_bounds=bounds, warm_start=None if start is None else (start, warm_start[1]),
-                                        free=self.classifier_free, inpaint=self._inpainter())
+                                        free=self.classifier_free, inpaint=self._inpaint_fn)
             x, values, chain = out.trajectories, out.values, out.chain
             if guide is not None and guide.value is not self.value:
                 values = None  # the guide scored the plans by the value network; the objective chooses among them
