@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "method_table_html",
-           "plot_data_returns", "plot_steering", "settings_of", "speed_targets"]
+__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "guidance_targets",
+           "method_table_html", "objective_video", "plot_data_returns", "plot_data_speeds", "plot_speed_tracking", "plot_steering",
+           "settings_of", "speed_targets"]
 
 DATA_LABELS = {"walker2d/local-expert-v0": "expert", "walker2d/local-medium-replay-v0": "medium-replay",
                "walker2d/local-medium-expert-v0": "medium-expert"}
@@ -123,27 +124,27 @@ def method_table_html(summary: dict, window: int) -> str:
 
 
 def d4rl_table_html(summary: dict, window: int = 1) -> str:
-    """D4RL's published Walker2d scores beside ours (unguided and the best steering setting), normalized the D4RL way."""
+    """D4RL's published Walker2d scores beside ours (unguided and the tuning seeds' best steering), normalized the D4RL way."""
     references = summary["references"]
     lo_ref, hi_ref = references["random_return"], references["expert_return"]
+    chosen = {row["dataset"]: row for row in best_versus_unguided(summary) if row["window"] == window}
+    settings = {s["name"]: s for s in summary["settings"]}
     rows = []
     for dataset, label in DATA_LABELS.items():
-        if label not in D4RL_SCORES:
+        if label not in D4RL_SCORES or dataset not in chosen:
             continue
-        ours = settings_of(summary, dataset, window)
-        if not ours:
-            continue
-        unguided = next(s for s in ours if s["labels"]["method"] == "unguided")
-        best = max((s for s in ours if s["labels"]["method"] != "unguided"), key=lambda s: s["normalized"]["mean"])
+        row = chosen[dataset]
+        unguided = next(s for s in settings_of(summary, dataset, window, "unguided"))
+        best = settings[row["setting"]]
 
         def d4rl(s):
             return 100 * (s["return"]["mean"] - lo_ref) / (hi_ref - lo_ref)
 
         published = ", ".join(f"{k} {v:g}" for k, v in D4RL_SCORES[label].items())
         rows.append(f"<tr><td>{label}</td><td>{published}</td><td>{d4rl(unguided):.1f}</td>"
-                    f"<td>{d4rl(best):.1f} ({best['labels']['method']}, {best['labels']['scale']:g})</td></tr>")
+                    f"<td>{d4rl(best):.1f} ({row['method']}, {row['scale']:g})</td></tr>")
     head = ("<tr><th>data</th><th>published (D4RL, normalized)</th><th>ours, unguided</th>"
-            f"<th>ours, best steering on these seeds (k = {window})</th></tr>")
+            f"<th>ours, steered (the tuning seeds' choice, k = {window})</th></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -158,3 +159,88 @@ def speed_targets(rows: list[dict], method: str | None = None) -> dict:
             "mae": float(np.mean(np.abs(achieved - np.array(targets)))),
             "falls": {t: int(sum(x["fell"] for x in per[t])) for t in targets}, "episodes": {t: len(per[t]) for t in targets}}
 
+
+
+def plot_data_speeds(profiles: dict, dataset: str):
+    """One data set's episodes: mean forward speed against return, falls marked; which speeds the data walks without falling."""
+    import matplotlib.pyplot as plt
+
+    p = profiles[dataset]
+    speed, ret = np.asarray(p["mean_speeds"]), np.asarray(p["returns"])
+    fell = np.asarray(p.get("fell", [False] * len(speed)), dtype=bool)
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    ax.scatter(speed[~fell], ret[~fell], s=12, color="tab:blue", label="walked all 1000 steps")
+    ax.scatter(speed[fell], ret[fell], s=12, marker="x", color="tab:red", label="fell")
+    ax.set_xlabel("episode's mean forward speed (m/s)")
+    ax.set_ylabel("episode return")
+    ax.set_title(f"{DATA_LABELS.get(dataset, dataset)} data: {p['episodes']} episodes", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_speed_tracking(rows: list[dict], data_range: tuple[float, float] | None = None):
+    """Achieved mean speed against the target speed: each episode (red if it fell), the means, and the line of perfect tracking."""
+    import matplotlib.pyplot as plt
+
+    speed = [r for r in rows if r.get("target_speed") is not None]
+    out = speed_targets(speed)
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    if data_range is not None:
+        ax.axvspan(*data_range, color="0.92", label="the data's speeds (5-95%)")
+    lo, hi = min(out["targets"]) - 0.3, max(out["targets"]) + 0.3
+    ax.plot([lo, hi], [lo, hi], color="0.5", ls="--", lw=1, label="achieved = target")
+    for r in speed:
+        jitter = 0.06 * ((r["seed"] * 7919) % 11 - 5) / 5
+        ax.scatter(r["target_speed"] + jitter, r["mean_speed"], s=9, alpha=0.6, color="tab:red" if r["fell"] else "tab:blue")
+    ax.plot(out["targets"], out["achieved"], "ko-", label="mean over 30 seeds")
+    for t, a in zip(out["targets"], out["achieved"]):
+        ax.annotate(f"{out['falls'][t]} falls", (t, a), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set_xlabel("target speed v* (m/s)")
+    ax.set_ylabel("achieved mean speed (m/s)")
+    ax.set_title(f"r = {out['pearson_r']:.2f}, mean |error| = {out['mae']:.2f} m/s", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def objective_video(planner, options: dict, seed: int, steps: int = 300, every: int = 3):
+    """A video of ``planner`` steered by ``options`` (an objective arm's settings) from ``seed``, captioned with its speed."""
+    from diffusion_rl import video
+    from diffusion_rl.planner import rollout
+
+    steered = planner.with_options(**dict(options["planner_options"]))
+    r = rollout(steered, [seed], window=options["window"], n_samples=options.get("n_samples", 1),
+                guidance_scale=options.get("guidance_scale"), ddim_steps=options["ddim_steps"], max_steps=steps, record=True)[0]
+    frames = video.episode_frames(r.states, r.x, every=every)
+    video.caption_frames(frames, f"mean speed {r.mean_speed:.2f} m/s" + (", falls" if r.fell else ""))
+    return video.show_video(frames, fps=20)
+
+
+def guidance_targets(summary: dict, rows: list[dict], speed_range: tuple[float, float]) -> list[dict]:
+    """The issue's targets, each measured on the evaluation seeds: which are met, with the value that decides."""
+    out = []
+    by_name = {s["name"]: s for s in summary["settings"]}
+    mixed = [row for row in best_versus_unguided(summary) if row["window"] == 1 and DATA_LABELS[row["dataset"]] != "expert"]
+    behaviour = summary["notes"].get("behaviour_policy", {})
+    for row in mixed:
+        label = DATA_LABELS[row["dataset"]]
+        out.append({"target": f"{label}: best steering minus unguided >= 10 points at k = 1, paired CI above 0",
+                    "value": f"{row['difference']:+.1f} [{row['ci95'][0]:+.1f}, {row['ci95'][1]:+.1f}]",
+                    "met": row["difference"] >= 10 and row["ci95"][0] > 0})
+        if label in behaviour:
+            best = by_name[row["setting"]]["normalized"]["mean"]
+            out.append({"target": f"{label}: best steering >= its best behaviour policy ({behaviour[label]:.1f})",
+                        "value": f"{best:.1f}", "met": best >= behaviour[label]})
+    speed = speed_targets(rows)
+    if speed["targets"]:
+        width = speed_range[1] - speed_range[0]
+        out += [{"target": f"speed: Pearson r >= 0.9 over {len(speed['targets'])} targets", "value": f"{speed['pearson_r']:.2f}",
+                 "met": len(speed["targets"]) >= 5 and speed["pearson_r"] >= 0.9},
+                {"target": f"speed: mean |error| <= 15% of the data's range ({0.15 * width:.2f} m/s)", "value": f"{speed['mae']:.2f}",
+                 "met": speed["mae"] <= 0.15 * width},
+                {"target": "speed: at most 2 falls in 30 episodes at every target",
+                 "value": ", ".join(f"{t:g}: {f}" for t, f in speed["falls"].items()), "met": max(speed["falls"].values()) <= 2}]
+    return out

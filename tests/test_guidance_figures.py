@@ -64,3 +64,33 @@ def test_speed_targets_measure_tracking_and_falls():
     out = gf.speed_targets(rows)
     assert out["targets"] == [1.0, 2.0, 3.0] and out["falls"] == {1.0: 1, 2.0: 0, 3.0: 0}
     assert out["mae"] == pytest.approx((0.0 + 0.1 + 0.2) / 3) and out["pearson_r"] > 0.99
+
+
+def test_the_d4rl_table_shows_the_tuning_choice_not_the_best_on_these_seeds():
+    summary = {**SUMMARY, "settings": SUMMARY["settings"] + [setting("mreplay-k1-gradient0.1", "gradient", 0.1, 80.0)]}
+    html = gf.d4rl_table_html(summary)
+    assert "best-of-n, 16" in html and "gradient, 0.1" not in html
+
+
+def test_targets_say_which_are_met():
+    summary = {**SUMMARY, "notes": {"behaviour_policy": {"medium-replay": 35.0}}}
+    rows = [{"target_speed": t, "mean_speed": t, "fell": int(i < f), "seed": i}
+            for t, f in [(1.0, 5), (1.5, 0), (2.0, 0), (2.5, 0), (3.0, 0)] for i in range(30)]
+    out = {t["target"].split(" (")[0]: t["met"] for t in gf.guidance_targets(summary, rows, (1.0, 3.0))}
+    assert out["medium-replay: best steering minus unguided >= 10 points at k = 1, paired CI above 0"] is True
+    assert out["medium-replay: best steering >= its best behaviour policy"] is True
+    assert out["speed: Pearson r >= 0.9 over 5 targets"] is True
+    assert out["speed: at most 2 falls in 30 episodes at every target"] is False
+
+
+def test_speed_figures_render():
+    import matplotlib.pyplot as plt
+
+    rows = [{"target_speed": t, "mean_speed": t + 0.1, "fell": 0, "seed": s} for t in (1.0, 2.0) for s in range(3)]
+    fig = gf.plot_speed_tracking(rows, (1.1, 3.4))
+    assert fig.axes[0].get_xlabel().startswith("target speed")
+    plt.close(fig)
+    profiles = {MR: {"episodes": 3, "returns": [1.0, 2.0, 3.0], "mean_speeds": [1.0, 2.0, 3.0], "fell": [True, False, False]}}
+    fig = gf.plot_data_speeds(profiles, MR)
+    assert len(fig.axes) == 1
+    plt.close(fig)

@@ -38,6 +38,14 @@ def test_objective_arms_measure_what_they_target():
     assert len(speed) >= 5 and all(a.measures == ("mean_speed",) for a in speed)
     assert [dict(a.planner_options)["objective"] for a in speed] == [("speed", v) for v in gs.SPEED_TARGETS]
     assert all(set(a.measures) <= set(MEASURES) for a in arms)
+    assert all(a.n_samples == gs.OBJECTIVE_SAMPLES and dict(a.labels)["method"] == "best-of-n" for a in arms)
+    height = [a for a in arms if dict(a.labels)["target_height"] is not None]
+    assert [dict(a.planner_options)["objective"] for a in height] == [("height", h) for h in gs.HEIGHT_TARGETS]
+    assert all(a.measures == ("mean_height",) for a in height)
+    # the best-steering choice never picks an objective arm
+    summary = {"settings": [{"name": a.name, "normalized": {"mean": 1000.0}} for a in arms]
+               + [{"name": f"{data.short}-k{k}-{m}", "normalized": {"mean": 1.0}} for k in gs.WINDOWS for m in ("unguided", "free1")]}
+    assert all(c["setting"].endswith("free1") for c in gs.choose_best(summary, [data]).values())
 
 
 def test_the_best_setting_is_chosen_per_data_set_and_window():
