@@ -249,7 +249,7 @@ def run_experiment(
     record_path = out / "record.json"
     if record_path.exists():
         old = _read_json(record_path)
-        if not isinstance(old, dict) or old.get("spec") != spec:
+        if not isinstance(old, dict) or not isinstance(old.get("spec"), dict) or _rows_spec(old["spec"]) != _rows_spec(spec):
             raise ValueError(f"{out} holds another study (or a damaged record.json); choose another folder, or delete it to start again.")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record_path, {"spec": spec, "command": command})
@@ -291,6 +291,11 @@ def run_experiment(
     hashes = {name: sha256_file(out / name) for name in ("episodes.csv", "summary.json")}
     atomic_write_json(record_path, {"spec": spec, "command": command, "files_sha256": hashes})
     return summary
+
+
+def _rows_spec(spec: dict) -> dict:
+    """What a study's rows depend on: its spec less the comparisons, which only the summary reads (a part run has none)."""
+    return {k: v for k, v in spec.items() if k != "comparisons"}
 
 
 def _share(arms: Sequence[Arm], part: tuple[int, int]) -> set[tuple]:

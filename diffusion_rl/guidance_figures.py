@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "guidance_targets",
+__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "guidance_targets", "headline_table_html",
            "method_table_html", "objective_video", "plot_data_returns", "plot_data_speeds", "plot_speed_tracking", "plot_steering",
            "settings_of", "speed_targets"]
 
@@ -106,6 +106,20 @@ def best_versus_unguided(summary: dict) -> list[dict]:
                     "difference": c["normalized"]["mean"], "ci95": c["normalized"]["ci95"],
                     "falls": (base["falls"], best["falls"]), "episodes": best["episodes"]})
     return out
+
+
+def headline_table_html(summary: dict) -> str:
+    """The headline comparisons as an HTML table: unguided, the tuning seeds' choice, their paired difference and falls."""
+    head = ("<tr><th>data</th><th>k</th><th>unguided</th><th>steered (the tuning seeds' choice)</th>"
+            "<th>difference [paired 95% CI]</th><th>falls, unguided / steered</th></tr>")
+    rows = []
+    for row in best_versus_unguided(summary):
+        lo, hi = row["ci95"]
+        rows.append(f"<tr><td>{DATA_LABELS.get(row['dataset'], row['dataset'])}</td><td>{row['window']}</td>"
+                    f"<td>{row['unguided']:.1f}</td><td>{row['best']:.1f} ({row['method']}, {row['scale']:g})</td>"
+                    f"<td>{row['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}]</td>"
+                    f"<td>{row['falls'][0]} / {row['falls'][1]} of {row['episodes']}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
 
 
 def method_table_html(summary: dict, window: int) -> str:

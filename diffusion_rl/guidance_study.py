@@ -154,12 +154,12 @@ BEHAVIOUR_DATA = {"medium-replay": "walker2d/local-medium-v0", "medium-expert": 
 best episodes, the expert medium-expert's."""
 
 
-def behaviour_policies(reference_return: float) -> dict:
+def behaviour_policies(reference_return: float, behaviour: dict[str, str] = BEHAVIOUR_DATA) -> dict:
     """Each mixed set's best behaviour policy's mean return, in % of the expert data's (the target steering must reach)."""
     from diffusion_rl.data import load_episodes
 
     return {label: round(100 * float(np.mean([e.rewards.sum() for e in load_episodes(dataset)])) / reference_return, 2)
-            for label, dataset in BEHAVIOUR_DATA.items()}
+            for label, dataset in behaviour.items()}
 
 
 def guidance_study(
@@ -172,19 +172,24 @@ def guidance_study(
     max_steps: int = 1000,
     load: Callable[[str], tuple[Planner, dict]] = shipped_planner,
     part: tuple[int, int] | None = None,
+    behaviour: dict[str, str] = BEHAVIOUR_DATA,
 ) -> dict | None:
-    """Every steering arm and objective on the tuning seeds, then on the evaluation seeds, with the tuning-best against unguided.
+    """Every steering arm on the tuning seeds, then with the objectives on the evaluation seeds, the tuning-best against unguided.
+
+    The objective arms skip the tuning stage: nothing is chosen among them (their method was chosen on the tuning
+    seeds beforehand, see :data:`OBJECTIVE_SAMPLES`).
 
     ``part = (i, n)``: this process's share of both stages (see :func:`~diffusion_rl.experiment.run_experiment`);
-    rerun without it to write the results.
+    rerun without it to write the results. ``behaviour``: each mixed set's best behaviour policy's data set (by label).
     """
     reference = "walker2d-h8"  # scores are normalized by the expert data's mean return, as everywhere in the book
-    arms = guidance_arms(data) + [a for d in data if d.planner == SPEED_DATA for a in objective_arms(d)]
+    steering = guidance_arms(data)
+    arms = steering + [a for d in data if d.planner == SPEED_DATA for a in objective_arms(d)]
     planner, identity = load(reference)
     planners = {name: load(name) for name in dict.fromkeys(a.planner for a in arms)}
     out = Path(out_dir)
-    tuned = run_experiment(planner, arms, tuning_seeds, out / "tuning", identity, command, max_steps=max_steps, progress=progress,
-                           planners=planners, part=part)
+    tuned = run_experiment(planner, steering, tuning_seeds, out / "tuning", identity, command, max_steps=max_steps,
+                           progress=progress, planners={a.planner: planners[a.planner] for a in steering}, part=part)
     if part is not None:
         return run_experiment(planner, arms, seeds, out, identity, command, max_steps=max_steps, progress=progress,
                               planners=planners, part=part)
@@ -193,6 +198,6 @@ def guidance_study(
     notes = {"tuning": "tuning/summary.json", "best": best,
              "rule": "per data set and window, the steering setting with the highest mean score on the tuning seeds",
              "data": {d.dataset_id: data_profile(d.dataset_id) for d in data},
-             "behaviour_policy": behaviour_policies(references(planner)["data_mean_return"])}
+             "behaviour_policy": behaviour_policies(references(planner)["data_mean_return"], behaviour)}
     return run_experiment(planner, arms, seeds, out, identity, command, comparisons, max_steps, progress, notes=notes,
                           planners=planners)

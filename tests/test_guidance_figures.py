@@ -43,6 +43,7 @@ def test_the_headline_is_the_tuning_best_against_unguided():
 
 
 def test_tables_and_figures_render():
+    assert "+46.0 [+35.0, +57.0]" in gf.headline_table_html(SUMMARY)
     html = gf.method_table_html(SUMMARY, 1)
     assert html.count("<tr>") == 5 and "best-of-n" in html
     d4rl = gf.d4rl_table_html(SUMMARY)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from conftest import module_dataset, tiny_common, tiny_runs
 
 from diffusion_rl import guidance_study as gs
-from diffusion_rl.experiment import MEASURES
+from diffusion_rl import pretrained
+from diffusion_rl.experiment import MEASURES, load_rows
+from diffusion_rl.training import DiffuserConfig, ValueConfig
 
 
 def test_every_data_set_and_window_gets_each_method_over_its_scale():
@@ -61,3 +66,47 @@ def test_the_best_setting_is_chosen_per_data_set_and_window():
                     "expert-k4": {"setting": "expert-k4-free2", "normalized": 70.0}}
     with pytest.raises(ValueError):
         gs.choose_best({"settings": [setting("expert-k1-unguided", 1.0)]}, data)
+
+
+# ---------------------------------------------------------------- the whole study, on a tiny planner
+
+DATA = "walker2d/guidance-tiny-v0"
+shared_root, minari_root = module_dataset(DATA)
+
+
+@pytest.fixture(scope="module")
+def finished(shared_root, tmp_path_factory):
+    common = {**tiny_common(DATA), "horizon": 8}
+    d, v = tiny_runs(shared_root, tmp_path_factory, DiffuserConfig(total_steps=20, checkpoint_every=20, **common),
+                     ValueConfig(total_steps=10, checkpoint_every=10, **common))
+    planner = pretrained.load_run(str(d), str(v))
+    data = (gs.GuidanceData(DATA, gs.SPEED_DATA, None, (0.1,), "tiny"),)
+
+    def load(name: str):
+        return planner, {"source": {"planner": name}}
+
+    out = tmp_path_factory.mktemp("guidance")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(shared_root))
+        kwargs = {"data": data, "seeds": [10000, 10001], "tuning_seeds": [20000], "max_steps": 6, "load": load,
+                  "progress": False, "behaviour": {"tiny": DATA}}
+        for i in (1, 2):
+            assert gs.guidance_study(out, part=(i, 2), **kwargs) is None  # rows only
+        assert not (out / "summary.json").exists()
+        return out, gs.guidance_study(out, command="python -m diffusion_rl study guidance", **kwargs)
+
+
+def test_the_study_tunes_steering_and_evaluates_objectives_too(finished):
+    out, summary = finished
+    tuning = json.loads((out / "tuning" / "summary.json").read_text())
+    tuned = {s["name"] for s in tuning["settings"]}
+    evaluated = {s["name"] for s in summary["settings"]}
+    objectives = {a.name for a in gs.objective_arms(gs.GuidanceData(DATA, gs.SPEED_DATA, None, (0.1,), "tiny"))}
+    assert tuned and not tuned & objectives and evaluated == tuned | objectives
+    assert {c["baseline"] for c in summary["comparisons"]} == {"tiny-k1-unguided", "tiny-k4-unguided"}
+    assert set(summary["notes"]["behaviour_policy"]) == {"tiny"} and summary["notes"]["data"][DATA]["fell"]
+    rows = load_rows(out)
+    speed = [r for r in rows if r["target_speed"] not in ("", None)]
+    assert {float(r["target_speed"]) for r in speed} == set(gs.SPEED_TARGETS)
+    assert all(r["mean_speed"] not in ("", None) for r in speed)
+    assert all(r["mean_speed"] in ("", None) for r in rows if r["target_speed"] in ("", None) and r["target_height"] in ("", None))
