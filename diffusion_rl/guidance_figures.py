@@ -208,9 +208,10 @@ def plot_speed_tracking(rows: list[dict], data_range: tuple[float, float] | None
     for r in speed:
         jitter = 0.06 * ((r["seed"] * 7919) % 11 - 5) / 5
         ax.scatter(r["target_speed"] + jitter, r["mean_speed"], s=9, alpha=0.6, color="tab:red" if r["fell"] else "tab:blue")
-    ax.plot(out["targets"], out["achieved"], "ko-", label="mean over 30 seeds")
+    ax.plot(out["targets"], out["achieved"], "ko-", label=f"mean over {max(out['episodes'].values())} episodes")
     for t, a in zip(out["targets"], out["achieved"]):
-        ax.annotate(f"{out['falls'][t]} falls", (t, a), textcoords="offset points", xytext=(6, -12), fontsize=8)
+        falls = out["falls"][t]
+        ax.annotate(f"{falls} fall{'' if falls == 1 else 's'}", (t, a), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlabel("target speed v* (m/s)")
     ax.set_ylabel("achieved mean speed (m/s)")
     ax.set_title(f"r = {out['pearson_r']:.2f}, mean |error| = {out['mae']:.2f} m/s", fontsize=10)
