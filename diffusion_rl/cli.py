@@ -135,12 +135,22 @@ def _steering(args: argparse.Namespace) -> dict:
     targets = {name: v for name, v in (("speed", args.target_speed), ("height", args.target_height)) if v is not None}
     if len(targets) > 1:
         raise ValueError("Give one test-time objective: --target-speed or --target-height, not both.")
+    if (args.objective_weight is not None or args.inpaint) and not targets:
+        raise ValueError("--objective-weight and --inpaint act on a test-time objective: give --target-speed or --target-height too.")
     for name, target in targets.items():
         if not math.isfinite(target):
             raise ValueError(f"--target-{name} must be a finite number, got {target}.")
+        if args.inpaint:
+            if args.objective_weight is not None:
+                raise ValueError("--inpaint writes the target into the plan; it takes no --objective-weight.")
+            steering["inpaint"] = (name, target)  # guidance and selection, if asked for, still follow the value network
+            continue
         if args.guidance_scale is None and args.samples == 1:
             raise ValueError(f"--target-{name} steers through guidance or selection: give --guidance-scale or --samples > 1 too.")
-        steering["objective"] = (name, target)
+        weight = args.objective_weight
+        if weight is not None and not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"--objective-weight must be a finite number >= 0, got {weight}.")
+        steering["objective"] = (name, target) if weight is None else (name, target, weight)
     return steering
 
 
@@ -379,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time objective: walk at V m/s, through --guidance-scale or --samples (replaces the value network)")
     p.add_argument("--target-height", type=float, default=None, metavar="H",
                    help="test-time objective: hold the torso at H m, through --guidance-scale or --samples")
+    p.add_argument("--objective-weight", type=float, default=None, metavar="C",
+                   help="steer by the value network's return plus C times the objective, instead of the objective alone")
+    p.add_argument("--inpaint", action="store_true",
+                   help="write the objective's target into every intermediate plan instead of steering toward it")
     p.add_argument("--ddim-steps", type=int, default=None, help="use the DDIM sampler with this many steps")
     p.add_argument("--warm-start", type=int, default=None,
                    help="start each replan from the previous plan, shifted and re-noised to N of the sampler's levels (default: from pure noise)")

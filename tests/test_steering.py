@@ -155,6 +155,11 @@ def test_the_value_network_comes_back_when_the_objective_is_dropped(runs):
     (["--classifier-free-weight", "nan"], "classifier-free weight must be a finite number >= 0"),
     (["--classifier-free-weight", "1.2"], "trained with a return condition"),
     (["--target-return", "1.0"], "give --classifier-free-weight too"),
+    (["--objective-weight", "10", "--samples", "4"], "give --target-speed or --target-height too"),
+    (["--inpaint"], "give --target-speed or --target-height too"),
+    (["--target-speed", "2", "--samples", "4", "--objective-weight", "-1"], "--objective-weight must be a finite number >= 0"),
+    (["--target-speed", "2", "--samples", "4", "--objective-weight", "nan"], "--objective-weight must be a finite number >= 0"),
+    (["--target-speed", "2", "--inpaint", "--objective-weight", "3"], "takes no --objective-weight"),
 ])
 def test_evaluate_refuses_bad_steering_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -162,6 +167,15 @@ def test_evaluate_refuses_bad_steering_with_one_line(argv, message, capsys, tmp_
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_evaluate_runs_inpainting_and_value_plus_objective(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--inpaint"], ["--samples", "2", "--objective-weight", "30"]):
+        argv = ["evaluate", "--planner", "walker2d-h8-medium-expert", "--episodes", "1", "--max-steps", "3", "--ddim-steps", "2",
+                "--target-speed", "2.0", "--no-progress", *extra]
+        assert main(argv) == 0, capsys.readouterr().err
+    assert "\"mean_speed\"" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the study's labelled rows
