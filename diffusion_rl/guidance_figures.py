@@ -175,6 +175,14 @@ def speed_targets(rows: list[dict], method: str | None = None) -> dict:
 
 
 
+def _finish(fig, ax):
+    """The two speed figures' common end: a legend at the top left, a light grid, a tight layout."""
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_data_speeds(profiles: dict, dataset: str):
     """One data set's episodes: mean forward speed against return, falls marked; which speeds the data walks without falling."""
     import matplotlib.pyplot as plt
@@ -188,10 +196,7 @@ def plot_data_speeds(profiles: dict, dataset: str):
     ax.set_xlabel("episode's mean forward speed (m/s)")
     ax.set_ylabel("episode return")
     ax.set_title(f"{DATA_LABELS.get(dataset, dataset)} data: {p['episodes']} episodes", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax)
 
 
 def plot_speed_tracking(rows: list[dict], data_range: tuple[float, float] | None = None):
@@ -215,10 +220,7 @@ def plot_speed_tracking(rows: list[dict], data_range: tuple[float, float] | None
     ax.set_xlabel("target speed v* (m/s)")
     ax.set_ylabel("achieved mean speed (m/s)")
     ax.set_title(f"r = {out['pearson_r']:.2f}, mean |error| = {out['mae']:.2f} m/s", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax)
 
 
 def objective_video(planner, options: dict, seed: int, steps: int = 300, every: int = 3):
