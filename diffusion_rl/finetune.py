@@ -104,6 +104,9 @@ class FinetuneConfig:
     """Train under pushes: each episode draws a torso push of [0, max_push] N, 5 steps every 100 as in the push study (0: undisturbed)."""
     reward_scale: float = 0.01
     """Rewards are multiplied by this for the critic (a chunk of 8 steps earns about 35)."""
+    fall_penalty: float = 0.0
+    """Subtracted from the reward of the chunk that ends in a fall (0: the environment's reward alone, DPPO's). A fall
+    otherwise costs only the reward it forgoes, discounted by gamma per chunk; this makes it cost that much more at once."""
     max_grad_norm: float = 1.0
     """Gradient norm clip of both networks."""
     critic_hidden: int = 256
@@ -146,6 +149,7 @@ def check_config(cfg: FinetuneConfig, horizon: int | None = None, n_timesteps: i
         _positive_finite("--" + name.replace("_", "-"), getattr(cfg, name))
     _positive_finite("--anchor-coef", cfg.anchor_coef, allow_zero=True)
     _positive_finite("--max-push", cfg.max_push, allow_zero=True)
+    _positive_finite("--fall-penalty", cfg.fall_penalty, allow_zero=True)
     if cfg.log_prob not in LOG_PROBS:
         raise ValueError(f"--log-prob must be one of {', '.join(LOG_PROBS)}, got {cfg.log_prob!r}.")
     for name in ("gamma", "gae_lambda", "denoising_discount"):
@@ -329,11 +333,13 @@ def gae(values: np.ndarray, last_values: np.ndarray, batch: Batch, cfg: Finetune
         idx = np.flatnonzero(batch.episode == e)
         running = 0.0
         for n, j in enumerate(idx[::-1]):
+            reward = rewards[j]
             if n == 0:
                 next_value = 0.0 if batch.fell[e] else float(last_values[e])
+                reward -= cfg.fall_penalty * cfg.reward_scale * batch.fell[e]
             else:
                 next_value = float(values[idx[len(idx) - n]])
-            delta = rewards[j] + cfg.gamma * next_value - values[j]
+            delta = reward + cfg.gamma * next_value - values[j]
             running = delta + cfg.gamma * cfg.gae_lambda * running
             adv[j] = running
     return adv, adv + values

@@ -91,6 +91,8 @@ def test_resuming_with_changed_options_names_both_values(run, tmp_path, capsys):
     ("--anchor-coef", "nan", "--anchor-coef must be"),
     ("--max-push", "-1", "--max-push must be a finite number >= 0"),
     ("--max-push", "nan", "--max-push must be"),
+    ("--fall-penalty", "-5", "--fall-penalty must be a finite number >= 0"),
+    ("--fall-penalty", "nan", "--fall-penalty must be"),
     ("--log-prob", "plan-mean", "--log-prob must be one of plan-sum, action-mean"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, says):
@@ -206,6 +208,9 @@ def test_gae_ends_at_a_fall_and_bootstraps_at_a_time_limit():
     # lambda = 1: targets are discounted returns; a fall adds nothing, the time limit adds gamma * V(last state).
     np.testing.assert_allclose(targets, [1 + 0.5 * 2, 2, 4 + 0.5 * 8])
     np.testing.assert_allclose(adv, targets - values)
+    # A fall penalty lands on the falling chunk only, and reaches the chunks before it discounted.
+    adv_p, targets_p = ft.gae(values, last, batch, replace(cfg, fall_penalty=10.0))
+    np.testing.assert_allclose(targets_p - targets, [0.5 * -10, -10, 0])
 
 
 def test_the_exported_planner_loads_and_before_any_update_plans_like_its_base(tmp_path):
