@@ -11,9 +11,9 @@ quality, every one on the same seeds:
   a high return with weight w (Decision Diffuser, Ajay et al. 2023); its scale is w.
 
 And two objectives chosen at test time, with no retraining: a target forward speed v* and a target
-torso height h*, steered by guidance on the planned states (:mod:`diffusion_rl.objectives`).
+torso height h*, each scored on the planned states (:mod:`diffusion_rl.objectives`) and steered by best-of-16 selection.
 
-Every arm runs on the tuning seeds first; the best steering setting per data set and window is chosen
+Every steering arm runs on the tuning seeds first; the best steering setting per data set and window is chosen
 there and compared with the unguided planner on the evaluation seeds 10000-10029, with the whole grid
 shown beside it. The episode rows carry ``dataset, method, scale, target_speed, target_height`` and,
 for the objective arms, the achieved ``mean_speed`` or ``mean_height``.
