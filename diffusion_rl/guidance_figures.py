@@ -148,7 +148,7 @@ def d4rl_table_html(summary: dict, window: int = 1) -> str:
         if label not in D4RL_SCORES or dataset not in chosen:
             continue
         row = chosen[dataset]
-        unguided = next(s for s in settings_of(summary, dataset, window, "unguided"))
+        unguided = settings_of(summary, dataset, window, "unguided")[0]
         best = settings[row["setting"]]
 
         def d4rl(s):
