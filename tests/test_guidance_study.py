@@ -110,3 +110,23 @@ def test_the_study_tunes_steering_and_evaluates_objectives_too(finished):
     assert {float(r["target_speed"]) for r in speed} == set(gs.SPEED_TARGETS)
     assert all(r["mean_speed"] not in ("", None) for r in speed)
     assert all(r["mean_speed"] in ("", None) for r in rows if r["target_speed"] in ("", None) and r["target_height"] in ("", None))
+
+
+def test_the_shipped_study_has_the_interface_columns_and_every_setting_on_the_evaluation_seeds():
+    from diffusion_rl import studies
+
+    folder = studies.study_folder("guidance")
+    rows = load_rows(folder)  # checks the files against the record's SHA-256
+    for column in ("dataset", "method", "scale", "window", "seed", "return", "normalized", "fell",
+                   "target_speed", "mean_speed"):
+        assert column in rows[0], column
+    assert {r["method"] for r in rows} == {"unguided", "gradient", "best-of-n", "classifier-free"}
+    per_setting: dict[str, list[int]] = {}
+    for r in rows:
+        per_setting.setdefault(r["setting"], []).append(int(r["seed"]))
+        assert (r["mean_speed"] is None) == (r["target_speed"] is None)  # speed measured exactly on speed rows
+    assert all(sorted(seeds) == list(range(10_000, 10_030)) for seeds in per_setting.values())
+    speeds = {r["target_speed"] for r in rows if r["target_speed"] is not None}
+    assert len(speeds) >= 5  # the "at least 5 targets"
+    tuning = json.loads((folder / "tuning" / "summary.json").read_text())
+    assert tuning["episodes_per_setting"] == 10
