@@ -196,7 +196,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_finetune_report(args: argparse.Namespace) -> int:
     from diffusion_rl.finetune import report_runs
 
-    report = report_runs(args.runs, args.out, snapshots_of=args.snapshots_of, progress=not args.no_progress, compare_at=args.compare_at)
+    report = report_runs(args.runs, args.out, snapshots_of=args.snapshots_of, progress=not args.no_progress,
+                         compare_at=args.compare_at, add=args.add)
     for r in report["runs"]:
         t = r["tuning"]
         print(f"{r['name']}: k = {t['window']}, {t['normalized']:.1f}% of the data, {t['falls']} falls, {r['env_steps']} env steps, {r['wall_time_s']:.0f} s")
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="diffusion_rl/assets/finetune_runs", help="writes runs.json and each run's curve.csv here")
     p.add_argument("--snapshots-of", default=None, help="name of the run whose snapshots are scored too")
     p.add_argument("--compare-at", type=int, default=None, help="also score every run's snapshot after this many iterations")
+    p.add_argument("--add", action="store_true", help="keep the report's other runs and add (or rescore) these")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune_report)
 

@@ -37,7 +37,7 @@ from diffusion_rl.checkpoint import (
     sha256_file,
 )
 from diffusion_rl.disturbances import Disturbance
-from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, make_env
+from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, TASKS, make_env
 from diffusion_rl.runtime import StopOnSignal, portable_command, torch_threads
 
 __all__ = [
@@ -96,6 +96,8 @@ class SACConfig:
     """Env steps between atomic checkpoints (taken at the next episode end)."""
     threads: int = 1
     """torch intra-op threads; results are bit-identical only for the same count."""
+    task: str = "walk"
+    """"walk": Walker2d's reward (the expert); "speed": walk at a target speed drawn per episode (envs.TargetSpeed)."""
 
 
 # ----------------------------------------------------------------------------- networks
@@ -310,21 +312,23 @@ class SAC:
 
 
 def evaluate_policy(
-    actor: Actor, seeds: tuple[int, ...] | list[int] = EVAL_SEEDS, deterministic: bool = True, env_id: str = ENV_ID
+    actor: Actor, seeds: tuple[int, ...] | list[int] = EVAL_SEEDS, deterministic: bool = True, env_id: str = ENV_ID,
+    task: str = "walk",
 ) -> np.ndarray:
     """Return of one episode per reset seed, all episodes stepped together in a vector env."""
-    return np.array([e["return"] for e in policy_episodes(actor, seeds, deterministic, env_id)])
+    return np.array([e["return"] for e in policy_episodes(actor, seeds, deterministic, env_id, task=task)])
 
 
 def policy_episodes(
     actor: Actor, seeds: Sequence[int], deterministic: bool = True, env_id: str = ENV_ID, disturbance: Disturbance | None = None,
+    task: str = "walk",
 ) -> list[dict]:
     """One episode per reset seed (return, length, fell), all stepped together, optionally under a disturbance."""
     import gymnasium as gym
 
     seeds = list(seeds)
     envs = gym.vector.SyncVectorEnv(
-        [lambda: make_env(env_id, disturbance=disturbance) for _ in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        [lambda: make_env(env_id, disturbance=disturbance, task=task) for _ in seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
     with torch_threads(1):
         try:
@@ -381,12 +385,14 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
     """
     from tqdm.auto import tqdm
 
+    if cfg.task not in TASKS:
+        raise ValueError(f"Unknown task {cfg.task!r}; choose from {', '.join(TASKS)}.")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     torch.set_num_threads(cfg.threads)
 
-    env = make_env(cfg.env_id)
+    env = make_env(cfg.env_id, task=cfg.task)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     torch.manual_seed(cfg.seed)
     agent = SAC(obs_dim, act_dim, cfg)
@@ -461,7 +467,7 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
                 ep_return, ep_len = 0.0, 0
             if step % cfg.eval_every == 0 or step == cfg.total_steps:
                 wall = time.perf_counter() - t0
-                returns = evaluate_policy(agent.actor, seeds=EVAL_SEEDS[: cfg.eval_episodes], env_id=cfg.env_id)
+                returns = evaluate_policy(agent.actor, seeds=EVAL_SEEDS[: cfg.eval_episodes], env_id=cfg.env_id, task=cfg.task)
                 history.append(
                     {
                         "env_step": step,
@@ -554,14 +560,14 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
 
     state = load_checkpoint(checkpoint_path, kind="sac")
     cfg = SACConfig(**state["config"])
-    env = make_env(cfg.env_id)
+    env = make_env(cfg.env_id, task=cfg.task)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
     actor = Actor(obs_dim, act_dim, cfg.hidden)
     actor.load_state_dict(state["agent"]["actor"])
-    det = evaluate_policy(actor, EVAL_SEEDS, deterministic=True, env_id=cfg.env_id)
+    det = evaluate_policy(actor, EVAL_SEEDS, deterministic=True, env_id=cfg.env_id, task=cfg.task)
     torch.manual_seed(0)
-    sto = evaluate_policy(actor, EVAL_SEEDS, deterministic=False, env_id=cfg.env_id)
+    sto = evaluate_policy(actor, EVAL_SEEDS, deterministic=False, env_id=cfg.env_id, task=cfg.task)
 
     out = Path(out) if out else shipped_policy_path()
     out.parent.mkdir(parents=True, exist_ok=True)

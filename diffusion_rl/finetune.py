@@ -601,11 +601,14 @@ def score_on_seeds(planner, seeds: Sequence[int], window: int) -> dict:
 
 
 def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, snapshots_of: str | None = None,
-                seeds: Sequence[int] = TUNING_SEEDS, progress: bool = True, compare_at: int | None = None) -> dict:
+                seeds: Sequence[int] = TUNING_SEEDS, progress: bool = True, compare_at: int | None = None,
+                add: bool = False) -> dict:
     """Compare fine-tuning runs on the tuning seeds at their own window; ``runs.json`` + each run's curve in ``out_dir``.
 
     ``snapshots_of``: the name of one run whose every snapshot is scored too (the learning curve on held-out seeds).
     ``compare_at``: also score every run's snapshot after that many iterations, so runs of different lengths compare.
+    ``add``: keep the report's other runs (and its snapshots) as they are, and add or rescore only ``run_dirs``;
+    a run's folder need not outlive its entry. The seeds and ``compare_at`` must then be the report's own.
     """
     from tqdm.auto import tqdm
 
@@ -614,6 +617,16 @@ def report_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
               "snapshots": []}
     # Scores already in runs.json are reused for a run whose checkpoint is unchanged (scoring is deterministic).
     known = json.loads((out / "runs.json").read_text()) if (out / "runs.json").exists() else {}
+    if add:
+        if not known:
+            raise ValueError(f"--add needs an existing report: {out / 'runs.json'} is missing.")
+        if known.get("seeds") != report["seeds"] or known.get("compare_at") != compare_at:
+            raise ValueError(f"--add keeps the report's seeds {known.get('seeds')} and --compare-at {known.get('compare_at')}; "
+                             f"got {report['seeds']} and {compare_at}.")
+        if snapshots_of is None:
+            report["snapshots_of"], report["snapshots"] = known.get("snapshots_of"), list(known.get("snapshots", []))
+        names = {Path(r).name for r in run_dirs}
+        report["runs"] = [r for r in known.get("runs", []) if r["name"] not in names]
     if known.get("seeds") != report["seeds"]:
         known = {}
     for run in tqdm(run_dirs, desc="runs", disable=not progress):

@@ -198,3 +198,42 @@ def test_actor_noise_interface_matches_sampling():
     assert torch.equal(actor.with_noise(obs, torch.zeros(5, 6)), actor.deterministic(obs))
     a = actor.with_noise(obs, torch.randn(5, 6))
     assert a.shape == (5, 6) and (a.abs() <= 1).all()
+
+
+def test_the_speed_task_pays_walker2ds_reward_up_to_the_target_and_less_past_it():
+    from diffusion_rl.envs import TARGET_SPEEDS, make_env
+
+    plain, task = make_env(), make_env(task="speed")
+    try:
+        obs, info = task.reset(seed=3)
+        target = info["target_speed"]
+        assert TARGET_SPEEDS[0] <= target <= TARGET_SPEEDS[1] and obs.shape == (18,) and obs[-1] == target
+        assert task.reset(seed=3)[1]["target_speed"] == target, "the reset seed fixes the target"
+        assert task.reset(seed=4)[1]["target_speed"] != target
+        assert task.reset(seed=3, options={"target_speed": 1.25})[0][-1] == 1.25
+        plain.reset(seed=3)
+        rng = np.random.default_rng(0)
+        for _ in range(60):
+            action = rng.uniform(-1, 1, 6)
+            o1, r1, *_, i1 = plain.step(action)
+            o2, r2, *_, i2 = task.step(action)
+            np.testing.assert_array_equal(o1, o2[:-1])
+            v = i1["x_velocity"]
+            assert r2 == pytest.approx(r1 - v + min(v, 2 * 1.25 - v))
+            if v <= 1.25:
+                assert r2 == pytest.approx(r1), "Walker2d's own reward below the target"
+    finally:
+        plain.close()
+        task.close()
+
+
+def test_a_speed_task_run_resumes_exactly_and_an_unknown_task_is_refused(tmp_path):
+    cfg = replace(TINY, total_steps=700, task="speed")
+    train_sac(cfg, tmp_path / "whole", progress=False)
+    train_sac(replace(cfg, total_steps=450), tmp_path / "cut", progress=False)
+    train_sac(cfg, tmp_path / "cut", progress=False)
+    assert_same_weights(actor_weights(tmp_path / "whole"), actor_weights(tmp_path / "cut"))
+    assert actor_weights(tmp_path / "whole")["net.0.weight"].shape[1] == 18, "the actor sees the target"
+    with pytest.raises(ValueError, match="Unknown task"):
+        train_sac(replace(TINY, task="run"), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -298,3 +298,22 @@ def test_the_runs_report_reuses_the_scores_of_an_unchanged_run(run, tmp_path, mo
     assert len(calls) == 3, "an unchanged run is not scored again"
     ft.report_runs([run], tmp_path, snapshots_of=run.name, seeds=[20_001], progress=False)
     assert len(calls) == 6, "other seeds: nothing to reuse"
+
+
+def test_adding_a_run_keeps_the_reports_other_runs_and_refuses_other_seeds(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ft, "score_on_seeds", lambda planner, seeds, window: {
+        "window": window, "seeds": [seeds[0], seeds[-1]], "normalized": 50.0, "falls": 0, "returns": [1.0]})
+    first = ft.report_runs([run], tmp_path, snapshots_of=run.name, seeds=[20_000], progress=False)
+    gone = dict(first["runs"][0], name="an-old-run")  # a run whose folder no longer exists
+    (tmp_path / "runs.json").write_text(json.dumps(dict(first, runs=[gone] + first["runs"])))
+    added = ft.report_runs([run], tmp_path, seeds=[20_000], progress=False, add=True)
+    assert [r["name"] for r in added["runs"]] == ["an-old-run", run.name]
+    assert added["snapshots"] == first["snapshots"] and added["snapshots_of"] == run.name
+    assert json.loads((tmp_path / "runs.json").read_text()) == added
+    with pytest.raises(ValueError, match="seeds"):
+        ft.report_runs([run], tmp_path, seeds=[20_001], progress=False, add=True)
+    with pytest.raises(ValueError, match="missing"):
+        ft.report_runs([run], tmp_path / "empty", seeds=[20_000], progress=False, add=True)
+    before = (tmp_path / "runs.json").read_text()
+    assert main(["finetune-report", str(run), "--out", str(tmp_path), "--add", "--compare-at", "5", "--no-progress"]) == 2
+    assert "compare-at" in capsys.readouterr().err and (tmp_path / "runs.json").read_text() == before
