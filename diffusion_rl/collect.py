@@ -109,12 +109,14 @@ def collect_episodes(
     progress: bool = True,
     cache: EpisodeCache | None = None,
     disturb: Callable[[int], Disturbance] | None = None,
+    goal: Callable[[int], np.ndarray] | None = None,
 ) -> list:
     """Roll out ``policy`` and return Minari ``EpisodeBuffer`` objects, one per episode, in seed order.
 
     With ``n_episodes`` set, exactly that many episodes; otherwise the fewest episodes (in seed
     order) whose steps add up to at least ``min_steps``. Episodes found in ``cache`` are reused, and
     each newly finished one is saved there. ``disturb(seed)``: the disturbance each episode meets.
+    ``goal(seed)``: entries appended to the policy's observation in that episode (not recorded).
     """
     from minari.data_collector import EpisodeBuffer
     from tqdm.auto import tqdm
@@ -151,6 +153,7 @@ def collect_episodes(
             envs[slot].disturbance = disturb(seed)  # read by the wrapper's reset and steps
         obs, _ = envs[slot].reset(seed=seed)
         slots[slot] = {"id": next_episode, "seed": seed, "rng": np.random.default_rng(seed),
+                       "goal": None if goal is None else np.asarray(goal(seed), np.float64),
                        "observations": [obs], "actions": [], "rewards": [], "terminations": [], "truncations": []}
         next_episode += 1
 
@@ -169,6 +172,8 @@ def collect_episodes(
         active = [s for s in range(n_envs) if slots[s] is not None]
         obs = np.stack([slots[s]["observations"][-1] for s in active])
         noise = np.stack([slots[s]["rng"].standard_normal(act_dim) for s in active])
+        if goal is not None:
+            obs = np.concatenate([obs, np.stack([slots[s]["goal"] for s in active])], axis=1)
         actions = policy(obs, noise)
         executed, recorded = actions if isinstance(actions, tuple) else (actions, actions)
         for s, action, label in zip(active, executed, recorded, strict=True):
@@ -366,7 +371,7 @@ def make_dataset(
                 cache = EpisodeCache(_cache_folder(root, dataset_id), key)
             with torch_threads(1):
                 episodes = collect_episodes(behaviour.policy, n_episodes, min_steps, first_seed, progress=progress, cache=cache,
-                                            disturb=behaviour.disturb)
+                                            disturb=behaviour.disturb, goal=behaviour.goal)
             algorithm, actions_text = behaviour.algorithm, behaviour.actions
         returns = np.array([ep.rewards.sum() for ep in episodes])
         meta = policy_meta or {}

@@ -543,8 +543,9 @@ def _write_curve(path: Path, history: list[dict]) -> None:
 ASSETS = Path(__file__).parent / "assets"
 
 
-SHIPPED_POLICIES = ("expert", "medium")
-"""The SAC policies the package ships: the expert (1M steps) and the medium policy (the same run stopped at 100k)."""
+SHIPPED_POLICIES = ("expert", "medium", "speed")
+"""The SAC policies the package ships: the expert (1M steps), the medium policy (the same run stopped at 100k) and the
+speed policy (``train-expert --task speed``), which the ``speeds`` recipe needs and which ships once trained."""
 
 
 def shipped_policy_path(name: str = "expert") -> Path:
@@ -610,6 +611,12 @@ def load_policy(path: str | os.PathLike | None = None) -> tuple[Actor, dict]:
     path = Path(path) if path else shipped_policy_path()
     sidecar_path = path.with_suffix(".json")
     if not path.is_file() or not sidecar_path.is_file():
+        if path.name == shipped_policy_path("speed").name:  # not shipped until its run has finished
+            raise CheckpointError(
+                f"The speed policy {path.name} is not there yet: train it with `python -m diffusion_rl train-expert --task speed "
+                f"--run-dir runs/speed-sac` and export it with `python -m diffusion_rl export-expert runs/speed-sac/checkpoint.pt "
+                f"--out diffusion_rl/assets/{path.name}`."
+            )
         raise CheckpointError(
             f"Expert policy {path} or its sidecar {sidecar_path.name} is missing. Reinstall the package, or "
             "train one with `python -m diffusion_rl train-expert` and export it with `python -m diffusion_rl export-expert`."

@@ -13,6 +13,10 @@ episodes, kept finished episodes, the build lock, the staging folder and the ato
   path; the recorded label is the expert's clean deterministic action for the observed state: how
   it corrects from there.
 
+* ``speeds`` (``walker2d/local-speeds-v0``): the speed policy (SAC trained with ``--task speed``) asked
+  for a target forward speed drawn per episode, so the data hold stable walks at many speeds; the
+  target is not recorded, only what the walker did.
+
 * ``medium`` (``walker2d/local-medium-v0``): the medium policy's stochastic actions (D4RL's "medium").
 * ``medium-replay`` (``walker2d/local-medium-replay-v0``): every transition the medium policy's SAC
   run stored in its replay buffer, from its first random step to the medium checkpoint, cut into the
@@ -39,8 +43,8 @@ from diffusion_rl.data import DEFAULT_DATASET_ID
 from diffusion_rl.disturbances import Disturbance
 from diffusion_rl.envs import ENV_ID
 
-__all__ = ["RECIPES", "Assembly", "Behaviour", "DartOptions", "NoOptions", "Recipe", "ReplayOptions", "dart_behaviour", "expert_behaviour",
-           "check_replay_source", "get_recipe", "medium_behaviour", "medium_expert_episodes", "replay_episodes"]
+__all__ = ["RECIPES", "Assembly", "Behaviour", "DartOptions", "NoOptions", "Recipe", "ReplayOptions", "SpeedOptions", "dart_behaviour", "episode_target_speed", "expert_behaviour",
+           "check_replay_source", "get_recipe", "medium_behaviour", "medium_expert_episodes", "replay_episodes", "speed_behaviour"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class Behaviour:
     """What the data set's actions are, for its description."""
     key: dict
     """What, besides the policy, the environment and the seed, fixes an episode (keys the kept episodes of a build)."""
+    goal: Callable[[int], np.ndarray] | None = None
+    """Entries appended to the policy's observation in the episode with this reset seed (what it is asked for,
+    such as a target speed); the data set records the plain observation. None: the policy sees only that."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,48 @@ def dart_behaviour(actor, options: DartOptions) -> Behaviour:
                "action for each observed state")
     return Behaviour(policy, disturb, "SAC (diffusion_rl.expert), DART: noisy executed actions, deterministic labels, random pushes",
                      actions, {"recipe": "expert-dart", "options": asdict(o)})
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Options of the ``speeds`` recipe."""
+
+    min_speed: float = 0.5
+    """Slowest target (m/s); each episode draws its target uniformly from [min_speed, max_speed]."""
+    max_speed: float = 3.5
+    """Fastest target (m/s); the speed policy was trained on targets in envs.TARGET_SPEEDS."""
+
+    def __post_init__(self):
+        for name in ("min_speed", "max_speed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.min_speed > self.max_speed:
+            raise ValueError(f"Need min_speed <= max_speed, got {self.min_speed} and {self.max_speed}.")
+
+
+_SPEED_STREAM = 0x5BEE
+"""Tags the targets' generator so it never shares draws with the action noise (seeded by the bare reset seed)."""
+
+
+def episode_target_speed(seed: int, options: SpeedOptions) -> float:
+    """The target speed the ``speeds`` recipe asks for in the episode with this reset seed."""
+    return float(np.random.default_rng([int(seed), _SPEED_STREAM]).uniform(options.min_speed, options.max_speed))
+
+
+def speed_behaviour(actor, options: SpeedOptions) -> Behaviour:
+    """The speed policy's stochastic actions, executed and recorded, each episode asked for its own target speed."""
+
+    def policy(obs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        return actor.act(obs, noise=noise)
+
+    def goal(seed: int) -> np.ndarray:
+        return np.array([episode_target_speed(seed, options)])
+
+    actions = (f"actions sampled stochastically (tanh-Gaussian, noise seeded by the reset seed) by a policy asked for a target "
+               f"forward speed drawn per episode from [{options.min_speed:g}, {options.max_speed:g}] m/s; the target is not recorded")
+    return Behaviour(policy, None, "SAC speed policy (diffusion_rl.expert, --task speed), stochastic actions", actions,
+                     {"recipe": "speeds", "options": asdict(options)}, goal=goal)
 
 
 # ----------------------------------------------------------------------------- assembled recipes
@@ -296,6 +345,8 @@ RECIPES = {r.name: r for r in [
     Recipe("expert", DEFAULT_DATASET_ID, expert_behaviour, summary="the expert's stochastic episodes"),
     Recipe("expert-dart", "walker2d/local-expert-dart-v0", dart_behaviour, DartOptions,
            summary="DART: noisy executed actions under random pushes, the expert's clean actions recorded"),
+    Recipe("speeds", "walker2d/local-speeds-v0", speed_behaviour, SpeedOptions, policy="speed",
+           summary="the speed policy's episodes, each asked for its own target speed (0.5-3.5 m/s)"),
     Recipe("medium", "walker2d/local-medium-v0", medium_behaviour, policy="medium",
            summary="the medium policy's stochastic episodes (D4RL's medium)"),
     Recipe("medium-replay", "walker2d/local-medium-replay-v0", None, ReplayOptions, policy="medium",

@@ -294,3 +294,50 @@ def test_a_medium_expert_build_killed_mid_write_leaves_nothing_loadable_and_reru
     for a, b in zip(rebuilt, reference, strict=True):
         for field in ("observations", "actions", "rewards", "terminations", "truncations"):
             assert np.array_equal(getattr(a, field), getattr(b, field))
+
+
+def _tiny_speed_policy(folder: Path) -> Path:
+    """A small untrained actor that sees the target speed (18 inputs), as a policy file with its sidecar."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusion_rl.checkpoint import sha256_file
+    from diffusion_rl.expert import Actor
+
+    torch.manual_seed(1)
+    path = folder / "tiny-speed-policy.safetensors"
+    save_file(Actor(18, 6, hidden=32).state_dict(), str(path))
+    path.with_suffix(".json").write_text(json.dumps({"obs_dim": 18, "act_dim": 6, "hidden": 32, "sha256": sha256_file(path)}))
+    return path
+
+
+def test_the_speeds_recipe_asks_each_episode_for_its_target_and_records_the_plain_observation(tmp_path, monkeypatch):
+    policy = _tiny_speed_policy(tmp_path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    ds = collect.make_dataset("walker2d/speeds-tiny-v0", n_episodes=3, policy_path=policy, progress=False, recipe="speeds")
+    actor, _ = load_policy(policy)
+    options = recipes.SpeedOptions()
+    targets = [recipes.episode_target_speed(collect.FIRST_SEED + k, options) for k in range(3)]
+    assert len(set(targets)) == 3 and all(0.5 <= t <= 3.5 for t in targets)
+    for k, ep in enumerate(episodes(ds)):
+        assert ep.observations.shape[1] == 17, "the target is not recorded"
+        # Replaying the seed's noise with the seed's target appended reproduces the recorded actions.
+        rng = np.random.default_rng(collect.FIRST_SEED + k)
+        noise = np.stack([rng.standard_normal(6) for _ in ep.actions])
+        seen = np.concatenate([ep.observations[:-1], np.full((len(ep.actions), 1), targets[k])], axis=1)
+        np.testing.assert_allclose(ep.actions, actor.act(seen, noise=noise), atol=1e-6)
+    with pytest.raises(ValueError, match="min_speed <= max_speed"):
+        recipes.SpeedOptions(min_speed=3.0, max_speed=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        recipes.SpeedOptions(max_speed=float("nan"))
+
+
+def test_the_speeds_recipe_without_its_policy_names_the_commands_that_make_it(tmp_path, monkeypatch, capsys):
+    from diffusion_rl import expert
+
+    monkeypatch.setattr(expert, "ASSETS", tmp_path / "assets")  # a package whose speed policy is not trained yet
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    assert main(["make-dataset", "--recipe", "speeds", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "train-expert --task speed" in err and "export-expert" in err
+    assert not (tmp_path / "minari").exists() or not any((tmp_path / "minari").rglob("*.hdf5"))
