@@ -31,7 +31,7 @@ browser:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; fi
 
 test: $(VENV)/.installed browser
-	$(BIN)/python -m pytest tests book --nbval-lax -p no:cacheprovider
+	$(BIN)/python -m pytest tests -p no:cacheprovider
 
 clean:
 	rm -rf _build

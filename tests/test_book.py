@@ -59,6 +59,58 @@ def test_every_chapter_is_built_with_its_figures_and_videos(html):
             assert len(video) * 3 / 4 < 2_000_000, f"a video of {page.name} is over 2 MB"
 
 
+def _checked_outputs(cell) -> list[tuple[str, str]]:
+    """What a checked cell printed: its standard output and the plain-text form of its results (pictures, HTML and
+    standard error, where progress bars and warnings go, are not compared)."""
+    out: list[tuple[str, str]] = []
+    for o in cell.get("outputs", []):
+        if o["output_type"] == "stream":
+            if o["name"] != "stdout":
+                continue
+            if out and out[-1][0] == "stdout":  # how a kernel splits a stream into messages is not output
+                out[-1] = ("stdout", out[-1][1] + o["text"])
+            else:
+                out.append(("stdout", o["text"]))
+        elif o["output_type"] in ("execute_result", "display_data") and "text/plain" in o.get("data", {}):
+            out.append(("text/plain", o["data"]["text/plain"]))
+        elif o["output_type"] == "error":
+            out.append(("error", o["ename"]))
+    return out
+
+
+def test_a_checked_output_is_what_a_cell_printed_however_the_kernel_split_it():
+    import nbformat
+
+    out = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("x", outputs=[out("stream", name="stdout", text="1\n"), out("stream", name="stderr", text="50%"),
+                                                   out("stream", name="stdout", text="2\n"), out("execute_result", data={"text/plain": "3"})])
+    whole = nbformat.v4.new_code_cell("x", outputs=[out("stream", name="stdout", text="1\n2\n"), out("execute_result", data={"text/plain": "3"})])
+    assert _checked_outputs(cell) == _checked_outputs(whole)
+    whole.outputs[0]["text"] = "1\n2.0\n"
+    assert _checked_outputs(cell) != _checked_outputs(whole)
+
+
+@pytest.mark.slow
+def test_checked_cells_print_what_the_chapters_store(html):
+    # The build executed every chapter already (errors fail it); reading its notebooks compares the cells tagged
+    # nbval-check-output with their stored outputs, as `pytest --nbval-lax` would, without running every chapter twice.
+    import nbformat
+
+    executed = html.parent / "jupyter_execute"
+    checked = 0
+    for chapter in CHAPTERS:
+        stored = nbformat.read(ROOT / f"{chapter}.ipynb", as_version=4)
+        found = list(executed.rglob(f"{Path(chapter).name}.ipynb"))
+        assert len(found) == 1, f"{chapter}: the build's executed notebook is missing ({found})"
+        ran = nbformat.read(found[0], as_version=4)
+        assert len(ran.cells) == len(stored.cells), f"{chapter}: the build ran another notebook"
+        for i, (want, got) in enumerate(zip(stored.cells, ran.cells)):
+            if want.cell_type == "code" and "nbval-check-output" in want.metadata.get("tags", []):
+                assert _checked_outputs(got) == _checked_outputs(want), f"{chapter}, cell {i}: output differs from the stored one"
+                checked += 1
+    assert checked >= 10, f"only {checked} checked cells: did the tags go missing?"
+
+
 def _browser() -> tuple[str | None, str | None]:
     """(chromedriver, browser binary): Debian's chromium pair, or Google Chrome with its driver (GitHub's runners)."""
     drivers = [shutil.which("chromedriver"), os.path.join(os.environ.get("CHROMEWEBDRIVER", ""), "chromedriver"),

@@ -1,7 +1,7 @@
 """Strip outputs from the book's notebooks before committing, except cells checked by nbval.
 
 Cells tagged ``nbval-check-output`` keep their (small, deterministic) output so that
-``pytest --nbval-lax`` has something to compare against. Usage:
+``tests/test_book.py`` (and ``pytest --nbval-lax``) have something to compare against. Usage:
 
     python tools/clean_notebooks.py book/*.ipynb            # strip in place
     python tools/clean_notebooks.py --execute book/02_data.ipynb   # run first, then strip
