@@ -332,17 +332,18 @@ def test_foreign_sweep_json_is_refused(cfg, reference, tmp_path, capsys, content
 # ----------------------------------------------------------------------------- make-dataset killed mid-build
 
 
-def _tiny_policy_file(folder: Path) -> Path:
-    """A small untrained actor written as a policy file with its sidecar, for ``make-dataset --policy``."""
+def _tiny_policy_file(folder: Path, obs_dim: int = 17, seed: int = 0) -> Path:
+    """A small untrained actor written as a policy file with its sidecar, for ``make-dataset --policy``
+    (``obs_dim`` 18: one that also sees a goal, such as the speed policy's target)."""
     from safetensors.torch import save_file
 
     from diffusion_rl.checkpoint import sha256_file
     from diffusion_rl.expert import Actor
 
-    torch.manual_seed(0)
-    path = folder / "tiny-policy.safetensors"
-    save_file(Actor(17, 6, hidden=32).state_dict(), str(path))
-    path.with_suffix(".json").write_text(json.dumps({"obs_dim": 17, "act_dim": 6, "hidden": 32, "sha256": sha256_file(path)}))
+    torch.manual_seed(seed)
+    path = folder / f"tiny-policy-{obs_dim}.safetensors"
+    save_file(Actor(obs_dim, 6, hidden=32).state_dict(), str(path))
+    path.with_suffix(".json").write_text(json.dumps({"obs_dim": obs_dim, "act_dim": 6, "hidden": 32, "sha256": sha256_file(path)}))
     return path
 
 

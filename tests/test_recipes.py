@@ -296,23 +296,8 @@ def test_a_medium_expert_build_killed_mid_write_leaves_nothing_loadable_and_reru
             assert np.array_equal(getattr(a, field), getattr(b, field))
 
 
-def _tiny_speed_policy(folder: Path) -> Path:
-    """A small untrained actor that sees the target speed (18 inputs), as a policy file with its sidecar."""
-    import torch
-    from safetensors.torch import save_file
-
-    from diffusion_rl.checkpoint import sha256_file
-    from diffusion_rl.expert import Actor
-
-    torch.manual_seed(1)
-    path = folder / "tiny-speed-policy.safetensors"
-    save_file(Actor(18, 6, hidden=32).state_dict(), str(path))
-    path.with_suffix(".json").write_text(json.dumps({"obs_dim": 18, "act_dim": 6, "hidden": 32, "sha256": sha256_file(path)}))
-    return path
-
-
 def test_the_speeds_recipe_asks_each_episode_for_its_target_and_records_the_plain_observation(tmp_path, monkeypatch):
-    policy = _tiny_speed_policy(tmp_path)
+    policy = _tiny_policy_file(tmp_path, obs_dim=18, seed=1)
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     ds = collect.make_dataset("walker2d/speeds-tiny-v0", n_episodes=3, policy_path=policy, progress=False, recipe="speeds")
     actor, _ = load_policy(policy)
