@@ -52,6 +52,7 @@ __all__ = [
     "record_episode",
     "SHIPPED_POLICIES",
     "shipped_policy_path",
+    "speed_tracking",
     "train_sac",
 ]
 
@@ -321,9 +322,10 @@ def evaluate_policy(
 
 def policy_episodes(
     actor: Actor, seeds: Sequence[int], deterministic: bool = True, env_id: str = ENV_ID, disturbance: Disturbance | None = None,
-    task: str = "walk",
+    task: str = "walk", target_speed: float | None = None,
 ) -> list[dict]:
-    """One episode per reset seed (return, length, fell), all stepped together, optionally under a disturbance."""
+    """One episode per reset seed (return, length, fell, mean forward speed), all stepped together, optionally under a
+    disturbance; ``target_speed`` asks the speed task for that speed in every episode (else each seed draws its own)."""
     import gymnasium as gym
 
     seeds = list(seeds)
@@ -332,18 +334,40 @@ def policy_episodes(
     )
     with torch_threads(1):
         try:
-            obs, _ = envs.reset(seed=seeds)
-            returns, lengths = np.zeros(len(seeds)), np.zeros(len(seeds), int)
+            obs, _ = envs.reset(seed=seeds, options=None if target_speed is None else {"target_speed": float(target_speed)})
+            returns, lengths, distance = np.zeros(len(seeds)), np.zeros(len(seeds), int), np.zeros(len(seeds))
             fell, alive = np.zeros(len(seeds), bool), np.ones(len(seeds), bool)
             while alive.any():
-                obs, reward, terminated, truncated, _ = envs.step(actor.act(obs, deterministic=deterministic))
+                obs, reward, terminated, truncated, info = envs.step(actor.act(obs, deterministic=deterministic))
                 returns += reward * alive
+                distance += _step_speed(info, len(seeds)) * alive
                 lengths += alive
                 fell |= terminated & alive
                 alive &= ~(terminated | truncated)
         finally:
             envs.close()
-    return [{"seed": s, "return": float(r), "length": int(n), "fell": bool(f)} for s, r, n, f in zip(seeds, returns, lengths, fell)]
+    return [{"seed": s, "return": float(r), "length": int(n), "fell": bool(f), "mean_speed": float(d / max(n, 1))}
+            for s, r, n, f, d in zip(seeds, returns, lengths, fell, distance)]
+
+
+def _step_speed(info: dict, n: int) -> np.ndarray:
+    """Each sub-environment's forward speed in this step: an episode that just ended reports it in ``final_info``."""
+    speed = np.zeros(n)
+    for part in (info, info.get("final_info") or {}):
+        if "x_velocity" in part:
+            speed = np.where(part["_x_velocity"], part["x_velocity"], speed)
+    return speed
+
+
+def speed_tracking(actor: Actor, targets: Sequence[float] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5),
+                   seeds: Sequence[int] = EVAL_SEEDS[:5], env_id: str = ENV_ID) -> list[dict]:
+    """How well a speed policy walks at each target: its deterministic episodes' mean speed and falls, per target."""
+    out = []
+    for v in targets:
+        eps = policy_episodes(actor, seeds, deterministic=True, env_id=env_id, task="speed", target_speed=v)
+        out.append({"target_speed": float(v), "mean_speed": round(float(np.mean([e["mean_speed"] for e in eps])), 3),
+                    "falls": int(sum(e["fell"] for e in eps)), "episodes": len(eps)})
+    return out
 
 
 def record_episode(actor: Actor, seed: int, disturbance: Disturbance | None = None, max_steps: int = 1000,
@@ -593,6 +617,8 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
         "learning_curve": json.loads(state["history"]),
         "torch": torch.__version__,
     }
+    if cfg.task == "speed":  # what the speeds recipe relies on: a stable walk at each target
+        sidecar["speed_tracking"] = speed_tracking(actor, env_id=cfg.env_id)
     atomic_write_json(out.with_suffix(".json"), sidecar)
     return sidecar
 

@@ -237,3 +237,22 @@ def test_a_speed_task_run_resumes_exactly_and_an_unknown_task_is_refused(tmp_pat
     with pytest.raises(ValueError, match="Unknown task"):
         train_sac(replace(TINY, task="run"), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_episodes_measure_their_mean_speed_to_the_last_step_and_a_speed_policy_reports_its_tracking():
+    from diffusion_rl.expert import policy_episodes, record_episode, speed_tracking
+
+    torch.manual_seed(0)
+    actor = Actor(17, 6, hidden=32)
+    seeds = [10, 11, 12]
+    for ep in policy_episodes(actor, seeds):
+        replay = record_episode(actor, ep["seed"])
+        dt = 0.008  # Walker2d-v5: frame_skip 4 x timestep 0.002
+        # x_velocity is the step's displacement over dt, so its mean over the episode is the whole displacement over time,
+        # the last (episode-ending) step included.
+        assert ep["length"] == replay["length"]
+        assert ep["mean_speed"] == pytest.approx((replay["x"][-1] - replay["x"][0]) / (replay["length"] * dt), rel=1e-6)
+    speedy = Actor(18, 6, hidden=32)
+    report = speed_tracking(speedy, targets=(1.0, 2.0), seeds=seeds)
+    assert [r["target_speed"] for r in report] == [1.0, 2.0] and all(r["episodes"] == 3 for r in report)
+    assert all(0 <= r["falls"] <= 3 and np.isfinite(r["mean_speed"]) for r in report)
