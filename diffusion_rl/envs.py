@@ -8,7 +8,7 @@ import numpy as np
 import diffusion_rl  # noqa: F401  (sets MUJOCO_GL before mujoco is imported)
 from diffusion_rl.disturbances import Disturbance, DisturbanceWrapper
 
-__all__ = ["ENV_ID", "EVAL_SEEDS", "TARGET_SPEEDS", "TASKS", "TargetSpeed", "make_env"]
+__all__ = ["ENV_ID", "EVAL_SEEDS", "TARGET_SPEEDS", "TASKS", "TargetSpeed", "make_env", "seeded_target_speed"]
 
 ENV_ID = "Walker2d-v5"
 """The environment Minari's own ``mujoco/walker2d/*-v0`` datasets were collected in."""
@@ -22,6 +22,11 @@ TASKS = ("walk", "speed")
 
 TARGET_SPEEDS = (0.5, 3.5)
 """The range (m/s) each episode of the speed task draws its target from: below and above the expert's 3.3-3.5."""
+
+
+def seeded_target_speed(seed: int, speeds: tuple[float, float] = TARGET_SPEEDS) -> float:
+    """The target speed an episode with this reset seed asks for: from the seed alone, so a rerun asks the same."""
+    return float(np.random.default_rng([int(seed), 5_417]).uniform(*speeds))
 
 
 class TargetSpeed(gym.Wrapper):
@@ -44,8 +49,8 @@ class TargetSpeed(gym.Wrapper):
         obs, info = self.env.reset(seed=seed, options=options)
         if options and "target_speed" in options:
             self.target = float(options["target_speed"])
-        elif seed is not None:  # from the reset seed alone, so a resumed run or a rerun draws the same target
-            self.target = float(np.random.default_rng([int(seed), 5_417]).uniform(*self.speeds))
+        elif seed is not None:  # a resumed run draws the same target
+            self.target = seeded_target_speed(seed, self.speeds)
         else:
             self.target = float(self.np_random.uniform(*self.speeds))
         info["target_speed"] = self.target

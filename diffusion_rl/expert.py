@@ -37,7 +37,7 @@ from diffusion_rl.checkpoint import (
     sha256_file,
 )
 from diffusion_rl.disturbances import Disturbance
-from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, TASKS, make_env
+from diffusion_rl.envs import ENV_ID, EVAL_SEEDS, make_env
 from diffusion_rl.runtime import StopOnSignal, portable_command, torch_threads
 
 __all__ = [
@@ -409,14 +409,12 @@ def train_sac(cfg: SACConfig, run_dir: str | os.PathLike, progress: bool = True)
     """
     from tqdm.auto import tqdm
 
-    if cfg.task not in TASKS:
-        raise ValueError(f"Unknown task {cfg.task!r}; choose from {', '.join(TASKS)}.")
+    env = make_env(cfg.env_id, task=cfg.task)  # refuses an unknown task before anything is written
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     torch.set_num_threads(cfg.threads)
 
-    env = make_env(cfg.env_id, task=cfg.task)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     torch.manual_seed(cfg.seed)
     agent = SAC(obs_dim, act_dim, cfg)
@@ -567,9 +565,13 @@ def _write_curve(path: Path, history: list[dict]) -> None:
 ASSETS = Path(__file__).parent / "assets"
 
 
-SHIPPED_POLICIES = ("expert", "medium", "speed")
-"""The SAC policies the package ships: the expert (1M steps), the medium policy (the same run stopped at 100k) and the
-speed policy (``train-expert --task speed``), which the ``speeds`` recipe needs and which ships once trained."""
+SHIPPED_POLICIES = {
+    "expert": ("runs/expert-sac", ""),
+    "medium": ("runs/medium-sac", " --total-steps 100000 --seed 1"),
+    "speed": ("runs/speed-sac", " --task speed"),
+}
+"""The SAC policies the package ships, each with the run that makes it (folder, train-expert options): the expert (1M steps), the medium policy (the
+same run stopped at 100k) and the speed policy, which the ``speeds`` recipe needs and which ships once trained."""
 
 
 def shipped_policy_path(name: str = "expert") -> Path:
@@ -637,10 +639,12 @@ def load_policy(path: str | os.PathLike | None = None) -> tuple[Actor, dict]:
     path = Path(path) if path else shipped_policy_path()
     sidecar_path = path.with_suffix(".json")
     if not path.is_file() or not sidecar_path.is_file():
-        if path.name == shipped_policy_path("speed").name:  # not shipped until its run has finished
+        name = next((n for n in SHIPPED_POLICIES if shipped_policy_path(n).name == path.name), None)
+        if name is not None:
+            run, options = SHIPPED_POLICIES[name]
             raise CheckpointError(
-                f"The speed policy {path.name} is not there yet: train it with `python -m diffusion_rl train-expert --task speed "
-                f"--run-dir runs/speed-sac` and export it with `python -m diffusion_rl export-expert runs/speed-sac/checkpoint.pt "
+                f"The {name} policy {path.name} or its sidecar is missing: train it with `python -m diffusion_rl train-expert{options} "
+                f"--run-dir {run}` and export it with `python -m diffusion_rl export-expert {run}/checkpoint.pt "
                 f"--out diffusion_rl/assets/{path.name}`."
             )
         raise CheckpointError(

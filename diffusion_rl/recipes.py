@@ -41,7 +41,7 @@ import numpy as np
 from diffusion_rl.checkpoint import CheckpointError
 from diffusion_rl.data import DEFAULT_DATASET_ID
 from diffusion_rl.disturbances import Disturbance
-from diffusion_rl.envs import ENV_ID
+from diffusion_rl.envs import ENV_ID, seeded_target_speed
 
 __all__ = ["RECIPES", "Assembly", "Behaviour", "DartOptions", "NoOptions", "Recipe", "ReplayOptions", "SpeedOptions", "dart_behaviour", "episode_target_speed", "expert_behaviour",
            "check_replay_source", "get_recipe", "medium_behaviour", "medium_expert_episodes", "replay_episodes", "speed_behaviour"]
@@ -167,13 +167,9 @@ class SpeedOptions:
             raise ValueError(f"Need min_speed <= max_speed, got {self.min_speed} and {self.max_speed}.")
 
 
-_SPEED_STREAM = 0x5BEE
-"""Tags the targets' generator so it never shares draws with the action noise (seeded by the bare reset seed)."""
-
-
 def episode_target_speed(seed: int, options: SpeedOptions) -> float:
-    """The target speed the ``speeds`` recipe asks for in the episode with this reset seed."""
-    return float(np.random.default_rng([int(seed), _SPEED_STREAM]).uniform(options.min_speed, options.max_speed))
+    """The target speed the ``speeds`` recipe asks for in the episode with this reset seed (as the speed task draws it)."""
+    return seeded_target_speed(seed, (options.min_speed, options.max_speed))
 
 
 def speed_behaviour(actor, options: SpeedOptions) -> Behaviour:
