@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -608,7 +608,9 @@ def export_policy(checkpoint_path: str | os.PathLike, out: str | os.PathLike | N
         "act_dim": act_dim,
         "hidden": cfg.hidden,
         "command": command or portable_command(sys.argv[1:], program=Path(sys.argv[0]).name),
-        "train_command": _train_command(cfg, f"runs/{Path(checkpoint_path).resolve().parent.name}"),
+        # a checkpoint kept before its run's end (a snapshot) is what a run told to stop at its step makes
+        "train_command": _train_command(replace(cfg, total_steps=min(cfg.total_steps, int(state["step"]))),
+                                        f"runs/{Path(checkpoint_path).resolve().parent.name}"),
         "seed": cfg.seed,
         "env_steps": int(state["step"]),
         "wall_time_s": round(float(state["wall_time"]), 1),

@@ -11,7 +11,9 @@ quality, every one on the same seeds:
   a high return with weight w (Decision Diffuser, Ajay et al. 2023); its scale is w.
 
 And two objectives chosen at test time, with no retraining: a target forward speed v* and a target
-torso height h*, each scored on the planned states (:mod:`diffusion_rl.objectives`) and steered by best-of-16 selection.
+torso height h*, each scored on the planned states (:mod:`diffusion_rl.objectives`). They steer two planners
+(:data:`OBJECTIVE_DATA`): the medium-expert one, whose data walk stably only at the expert's speed, and one
+trained on the ``speeds`` recipe's data, where a speed policy walks at a target drawn per episode.
 
 Every steering arm runs on the tuning seeds first; the best steering setting per data set and window is chosen
 there and compared with the unguided planner on the evaluation seeds 10000-10029, with the whole grid
@@ -31,7 +33,20 @@ import numpy as np
 from diffusion_rl.experiment import EVAL_SEEDS, Arm, Comparison, references, run_experiment, shipped_planner
 from diffusion_rl.planner import Planner
 
-__all__ = ["GUIDANCE_DATA", "METHODS", "GuidanceData", "choose_best", "guidance_arms", "behaviour_policies", "guidance_study", "objective_arms"]
+__all__ = [
+    "GUIDANCE_DATA",
+    "METHODS",
+    "OBJECTIVE_DATA",
+    "GuidanceData",
+    "ObjectiveData",
+    "behaviour_policies",
+    "choose_best",
+    "choose_objective_steering",
+    "guidance_arms",
+    "guidance_study",
+    "objective_arms",
+    "objective_tuning_arms",
+]
 
 METHODS = ("unguided", "gradient", "best-of-n", "classifier-free")
 """The ``method`` column's values for the return-steering arms; objective arms are ``gradient``."""
@@ -78,21 +93,79 @@ DDIM_STEPS = 5
 64 plans per env step. On 10 tuning seeds the unguided medium-replay planner scored the same with 5 DDIM steps as with
 20 DDPM steps (6.3% at k = 1)."""
 
-SPEED_DATA = "walker2d-h8-medium-expert"
-"""The objectives run on the medium-expert planner: its data hold the widest range of speeds (about 1.1 to 3.4 m/s)."""
-SPEED_TARGETS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
-"""Target speeds v* (m/s) across the medium-expert data's range of per-episode mean speeds (5-95%: 1.1-3.4)."""
-HEIGHT_TARGETS = (1.0, 1.1, 1.2)
-"""Target torso heights h* (m): the data's walkers carry the torso at about 1.2-1.3 m; none aims lower."""
-OBJECTIVE_SAMPLES = 16
-"""Objectives steer by best-of-16 selection. On the tuning seeds (10 episodes at v* = 1.5 and 2.5 m/s) it missed the
-target by 0.3 m/s on average, writing the target into the plan (inpainting) by 0.4, and both fell in most episodes; with
-the value network in the loop (its gradient, selection by value, or value plus 30 times the objective) the walker kept
-the expert's gait at about 3 m/s whatever the target. The chapter lists each trial as an ``evaluate`` command."""
 OBJECTIVE_WINDOW = 1
+OBJECTIVE_SAMPLES = 16
+"""Best-of-N's N for the objectives, as for return steering's middle setting."""
 
 
-def _labels(data: GuidanceData, method: str, scale, speed=None, height=None) -> tuple:
+@dataclass(frozen=True)
+class Steering:
+    """How a test-time objective steers a planner: one of the study's ``method`` values and its scale."""
+
+    method: str
+    """``best-of-n`` (keep the plan the objective rates highest), ``gradient`` (a step up its gradient after each
+    reverse step) or ``inpainting`` (write the target into every intermediate plan)."""
+    scale: float | None = None
+    """N for best-of-n, kappa for gradient, None for inpainting."""
+
+    def __post_init__(self):
+        if self.method not in ("best-of-n", "gradient", "inpainting"):
+            raise ValueError(f"Unknown steering method {self.method!r}; choose best-of-n, gradient or inpainting.")
+
+    @property
+    def short(self) -> str:
+        """The arm-name fragment: ``best-of-16``, ``gradient1``, ``inpainting``."""
+        return {"best-of-n": f"best-of-{self.scale}", "gradient": f"gradient{self.scale:g}" if self.scale is not None else "",
+                "inpainting": "inpainting"}[self.method]
+
+    def arm_options(self, objective: tuple[str, float]) -> dict:
+        """The :class:`~diffusion_rl.experiment.Arm` fields that steer toward ``objective`` = (name, target)."""
+        if self.method == "inpainting":
+            return {"planner_options": (("inpaint", objective),)}
+        if self.method == "gradient":
+            return {"guidance_scale": float(self.scale), "planner_options": (("objective", objective),)}
+        return {"n_samples": int(self.scale), "planner_options": (("objective", objective),)}
+
+
+OBJECTIVE_STEERING = (Steering("best-of-n", OBJECTIVE_SAMPLES), Steering("gradient", 1.0), Steering("gradient", 3.0),
+                      Steering("inpainting"))
+"""The ways of steering by an objective that the tuning stage tries (on a planner with tuning speeds)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveData:
+    """A planner that test-time objectives steer: its data, the targets asked of it, and the way it is steered."""
+
+    dataset_id: str
+    planner: str
+    short: str
+    speed_targets: tuple[float, ...]
+    """Target speeds v* (m/s) across the data's range of per-episode mean speeds."""
+    height_targets: tuple[float, ...] = ()
+    """Target torso heights h* (m)."""
+    steering: Steering = Steering("best-of-n", OBJECTIVE_SAMPLES)
+    tuning_speeds: tuple[float, ...] = ()
+    """Targets at which the tuning stage tries every way in ``tried`` (empty: none tried in the study)."""
+    tried: tuple[Steering, ...] = OBJECTIVE_STEERING
+    """The ways of steering the tuning stage tries."""
+
+
+OBJECTIVE_DATA = (
+    ObjectiveData("walker2d/local-medium-expert-v0", "walker2d-h8-medium-expert", "mexpert", (1.0, 1.5, 2.0, 2.5, 3.0, 3.5),
+                  (1.0, 1.1, 1.2)),
+)
+"""The planners the objectives steer. Medium-expert's targets span its data's per-episode mean speeds (5-95%: 1.1-3.4
+m/s), and it is steered by best-of-16 selection: before the study, on the tuning seeds (10 episodes at v* = 1.5 and 2.5
+m/s), selection missed the target by 0.3 m/s on average and inpainting by 0.4, and both fell in most episodes; with the
+value network in the loop the walker kept the expert's gait at about 3 m/s whatever the target (the chapter lists each
+trial as an ``evaluate`` command). The torso heights are aimed below the data's usual 1.2-1.3 m. A planner given tuning
+speeds is steered the way the tuning stage chooses (:func:`choose_objective_steering`)."""
+
+SPEED_DATA = OBJECTIVE_DATA[0].planner
+"""The mixed-data planner the objectives steer."""
+
+
+def _labels(data, method: str, scale, speed=None, height=None) -> tuple:
     return (("dataset", data.dataset_id), ("method", method), ("scale", scale), ("target_speed", speed), ("target_height", height))
 
 
@@ -115,15 +188,34 @@ def guidance_arms(data: Sequence[GuidanceData] = GUIDANCE_DATA, windows: Sequenc
     return arms
 
 
-def objective_arms(data: GuidanceData) -> list[Arm]:
-    """A target speed and a target height, each by best-of-N selection on the objective, on one planner."""
-    def arm(name, objective, measure, speed=None, height=None):
-        return Arm(f"{data.short}-{name}", OBJECTIVE_WINDOW, ddim_steps=DDIM_STEPS, planner=data.planner, n_samples=OBJECTIVE_SAMPLES,
-                   planner_options=(("objective", objective),), measures=(measure,),
-                   labels=_labels(data, "best-of-n", OBJECTIVE_SAMPLES, speed=speed, height=height))
+def _objective_arm(data: ObjectiveData, steering: Steering, name: str, objective: tuple[str, float], measure: str) -> Arm:
+    speed, height = (objective[1], None) if objective[0] == "speed" else (None, objective[1])
+    return Arm(f"{data.short}-{name}", OBJECTIVE_WINDOW, ddim_steps=DDIM_STEPS, planner=data.planner, measures=(measure,),
+               labels=_labels(data, steering.method, steering.scale, speed=speed, height=height), **steering.arm_options(objective))
 
-    return ([arm(f"speed{v:g}", ("speed", v), "mean_speed", speed=v) for v in SPEED_TARGETS]
-            + [arm(f"height{h:g}", ("height", h), "mean_height", height=h) for h in HEIGHT_TARGETS])
+
+def objective_arms(data: ObjectiveData) -> list[Arm]:
+    """Each target speed and target height, steered the planner's way."""
+    return ([_objective_arm(data, data.steering, f"speed{v:g}", ("speed", v), "mean_speed") for v in data.speed_targets]
+            + [_objective_arm(data, data.steering, f"height{h:g}", ("height", h), "mean_height") for h in data.height_targets])
+
+
+def objective_tuning_arms(data: ObjectiveData) -> list[Arm]:
+    """Every way of steering the planner's data tries, at each of its tuning speeds (none without them)."""
+    return [_objective_arm(data, s, f"{s.short}-speed{v:g}", ("speed", v), "mean_speed") for s in data.tried for v in data.tuning_speeds]
+
+
+def choose_objective_steering(summary: dict, data: ObjectiveData) -> dict:
+    """The way of steering with the fewest falls over the tuning speeds, then the smallest mean |achieved - target| speed."""
+    settings = {s["name"]: s for s in summary["settings"]}
+    scores = []
+    for s in data.tried:
+        tried = [settings[f"{data.short}-{s.short}-speed{v:g}"] for v in data.tuning_speeds]
+        falls = sum(t["falls"] for t in tried)
+        error = float(np.mean([abs(t["mean_speed"]["mean"] - t["labels"]["target_speed"]) for t in tried]))
+        scores.append((falls, error, s))
+    falls, error, best = min(scores, key=lambda x: (x[0], x[1]))
+    return {"method": best.method, "scale": best.scale, "falls": falls, "mean_abs_error": round(error, 4)}
 
 
 def choose_best(summary: dict, data: Sequence[GuidanceData] = GUIDANCE_DATA, windows: Sequence[int] = WINDOWS) -> dict:
@@ -173,31 +265,41 @@ def guidance_study(
     load: Callable[[str], tuple[Planner, dict]] = shipped_planner,
     part: tuple[int, int] | None = None,
     behaviour: dict[str, str] = BEHAVIOUR_DATA,
+    objectives: Sequence[ObjectiveData] = OBJECTIVE_DATA,
 ) -> dict | None:
     """Every steering arm on the tuning seeds, then with the objectives on the evaluation seeds, the tuning-best against unguided.
 
-    The objective arms skip the tuning stage: nothing is chosen among them (their method was chosen on the tuning
-    seeds beforehand, see :data:`OBJECTIVE_SAMPLES`).
+    ``objectives``: the planners the test-time objectives steer. Those with tuning speeds try each way of steering
+    on the tuning seeds, and the study checks that their evaluation runs the choice (:func:`choose_objective_steering`).
 
     ``part = (i, n)``: this process's share of both stages (see :func:`~diffusion_rl.experiment.run_experiment`);
     rerun without it to write the results. ``behaviour``: each mixed set's best behaviour policy's data set (by label).
     """
     reference = "walker2d-h8"  # scores are normalized by the expert data's mean return, as everywhere in the book
-    steering = guidance_arms(data)
-    arms = steering + [a for d in data if d.planner == SPEED_DATA for a in objective_arms(d)]
+    steering = guidance_arms(data) + [a for d in objectives for a in objective_tuning_arms(d)]
+    arms = [a for a in steering if dict(a.labels)["target_speed"] is None] + [a for d in objectives for a in objective_arms(d)]
     planner, identity = load(reference)
-    planners = {name: load(name) for name in dict.fromkeys(a.planner for a in arms)}
+    planners = {name: load(name) for name in dict.fromkeys(a.planner for a in steering + arms)}
     out = Path(out_dir)
     tuned = run_experiment(planner, steering, tuning_seeds, out / "tuning", identity, command, max_steps=max_steps,
                            progress=progress, planners={a.planner: planners[a.planner] for a in steering}, part=part)
     if part is not None:
         return run_experiment(planner, arms, seeds, out, identity, command, max_steps=max_steps, progress=progress,
-                              planners=planners, part=part)
+                              planners={a.planner: planners[a.planner] for a in arms}, part=part)
     best = choose_best(tuned, data)
+    chosen = {d.dataset_id: choose_objective_steering(tuned, d) for d in objectives if d.tuning_speeds}
+    for d in objectives:
+        if d.tuning_speeds and (chosen[d.dataset_id]["method"], chosen[d.dataset_id]["scale"]) != (d.steering.method, d.steering.scale):
+            raise ValueError(f"The tuning stage chose {chosen[d.dataset_id]} to steer {d.planner}, but it is set to {d.steering}: "
+                             "set its steering to the choice (the evaluation must run the tuning seeds' choice).")
     comparisons = [Comparison(f"{group}-unguided", choice["setting"]) for group, choice in best.items()]
     notes = {"tuning": "tuning/summary.json", "best": best,
              "rule": "per data set and window, the steering setting with the highest mean score on the tuning seeds",
-             "data": {d.dataset_id: data_profile(d.dataset_id) for d in data},
+             "data": {d: data_profile(d) for d in dict.fromkeys([d.dataset_id for d in data] + [d.dataset_id for d in objectives])},
              "behaviour_policy": behaviour_policies(references(planner)["data_mean_return"], behaviour)}
+    if chosen:
+        notes["objective_steering"] = chosen
+        notes["objective_rule"] = ("per planner, the way of steering with the fewest falls at the tuning speeds, then the "
+                                   "smallest mean absolute speed error")
     return run_experiment(planner, arms, seeds, out, identity, command, comparisons, max_steps, progress, notes=notes,
                           planners=planners)

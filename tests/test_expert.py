@@ -256,3 +256,16 @@ def test_episodes_measure_their_mean_speed_to_the_last_step_and_a_speed_policy_r
     report = speed_tracking(speedy, targets=(1.0, 2.0), seeds=seeds)
     assert [r["target_speed"] for r in report] == [1.0, 2.0] and all(r["episodes"] == 3 for r in report)
     assert all(0 <= r["falls"] <= 3 and np.isfinite(r["mean_speed"]) for r in report)
+
+
+def test_an_exported_snapshot_names_the_run_that_stops_at_its_step(reference_run, tmp_path):
+    from diffusion_rl.checkpoint import save_checkpoint
+    from diffusion_rl.expert import export_policy
+
+    state = load_checkpoint(reference_run / "checkpoint.pt", kind="sac")
+    assert state["step"] == TINY.total_steps
+    snapshot = tmp_path / "speed-sac" / "checkpoint.pt"  # kept aside mid-run: its run went on to more steps
+    save_checkpoint(snapshot, {**state, "config": {**state["config"], "total_steps": 10 * TINY.total_steps}})
+    meta = export_policy(snapshot, tmp_path / "p.safetensors", command="x")
+    assert meta["train_command"].startswith("python -m diffusion_rl train-expert --run-dir runs/speed-sac ")
+    assert f"--total-steps {TINY.total_steps} " in meta["train_command"] + " " and meta["env_steps"] == TINY.total_steps

@@ -6,11 +6,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from diffusion_rl import guidance_figures as gf  # noqa: E402
 
 MR = "walker2d/local-medium-replay-v0"
+SPEEDS = "walker2d/local-speeds-v0"
 
 
 def setting(name, method, scale, mean, k=1, falls=0, **labels):
@@ -62,9 +64,11 @@ def test_speed_targets_measure_tracking_and_falls():
     rows = [{"target_speed": t, "mean_speed": t + d, "fell": int(f), "method": "gradient"}
             for t, d, f in [(1.0, 0.1, 0), (1.0, -0.1, 1), (2.0, 0.2, 0), (2.0, 0.0, 0), (3.0, -0.3, 0), (3.0, -0.1, 0)]]
     rows.append({"target_speed": None, "mean_speed": None, "fell": 0, "method": "unguided"})
-    out = gf.speed_targets(rows)
+    rows = [{**r, "dataset": MR} for r in rows] + [{"target_speed": 1.0, "mean_speed": 9.0, "fell": 1, "method": "gradient", "dataset": "other"}]
+    out = gf.speed_targets(rows, dataset=MR)
     assert out["targets"] == [1.0, 2.0, 3.0] and out["falls"] == {1.0: 1, 2.0: 0, 3.0: 0}
     assert out["mae"] == pytest.approx((0.0 + 0.1 + 0.2) / 3) and out["pearson_r"] > 0.99
+    assert gf.speed_targets(rows)["falls"][1.0] == 2  # without a data set, every planner's rows
 
 
 def test_the_d4rl_table_shows_the_tuning_choice_not_the_best_on_these_seeds():
@@ -75,13 +79,18 @@ def test_the_d4rl_table_shows_the_tuning_choice_not_the_best_on_these_seeds():
 
 def test_targets_say_which_are_met():
     summary = {**SUMMARY, "notes": {"behaviour_policy": {"medium-replay": 35.0}}}
-    rows = [{"target_speed": t, "mean_speed": t, "fell": int(i < f), "seed": i}
+    rows = [{"target_speed": t, "mean_speed": t, "fell": int(i < f), "seed": i, "dataset": MR}
             for t, f in [(1.0, 5), (1.5, 0), (2.0, 0), (2.5, 0), (3.0, 0)] for i in range(30)]
-    out = {t["target"].split(" (")[0]: t["met"] for t in gf.guidance_targets(summary, rows, (1.0, 3.0))}
+    rows += [{"target_speed": t, "mean_speed": 2.0 + 0.01 * t, "fell": 0, "seed": i, "dataset": SPEEDS} for t in (1.0, 2.0, 3.0) for i in range(30)]
+    out = {t["target"].split(" (")[0]: t["met"] for t in gf.guidance_targets(summary, rows, {MR: (1.0, 3.0), SPEEDS: (0.5, 3.5)})}
     assert out["medium-replay: best steering minus unguided >= 10 points at k = 1, paired CI above 0"] is True
     assert out["medium-replay: best steering >= its best behaviour policy"] is True
-    assert out["speed: Pearson r >= 0.9 over 5 targets"] is True
-    assert out["speed: at most 2 falls in 30 episodes at every target"] is False
+    assert out["medium-replay, speed: Pearson r >= 0.9 over 5 targets"] is True
+    assert out["medium-replay, speed: at most 2 falls in 30 episodes at every target"] is False
+    assert out["speeds, speed: Pearson r >= 0.9 over 3 targets"] is False  # too few targets
+    assert out["speeds, speed: mean |error| <= 15% of the data's range"] is False  # 0.67 m/s against 0.45
+    assert out["speeds, speed: at most 2 falls in 30 episodes at every target"] is True
+    assert gf.data_speed_range({SPEEDS: {"mean_speeds": list(np.linspace(0, 4, 101))}}, SPEEDS) == (0.2, 3.8)
 
 
 def test_speed_figures_render():

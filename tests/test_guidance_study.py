@@ -37,20 +37,46 @@ def test_every_data_set_and_window_gets_each_method_over_its_scale():
 
 
 def test_objective_arms_measure_what_they_target():
-    data = next(d for d in gs.GUIDANCE_DATA if d.planner == gs.SPEED_DATA)
-    arms = gs.objective_arms(data)
-    speed = [a for a in arms if dict(a.labels)["target_speed"] is not None]
-    assert len(speed) >= 5 and all(a.measures == ("mean_speed",) for a in speed)
-    assert [dict(a.planner_options)["objective"] for a in speed] == [("speed", v) for v in gs.SPEED_TARGETS]
-    assert all(set(a.measures) <= set(MEASURES) for a in arms)
-    assert all(a.n_samples == gs.OBJECTIVE_SAMPLES and dict(a.labels)["method"] == "best-of-n" for a in arms)
-    height = [a for a in arms if dict(a.labels)["target_height"] is not None]
-    assert [dict(a.planner_options)["objective"] for a in height] == [("height", h) for h in gs.HEIGHT_TARGETS]
-    assert all(a.measures == ("mean_height",) for a in height)
+    for data in gs.OBJECTIVE_DATA:
+        arms = gs.objective_arms(data)
+        speed = [a for a in arms if dict(a.labels)["target_speed"] is not None]
+        assert all(a.measures == ("mean_speed",) and a.planner == data.planner for a in arms if a in speed)
+        assert [dict(a.planner_options).get("objective", dict(a.planner_options).get("inpaint")) for a in speed] == \
+            [("speed", v) for v in data.speed_targets]
+        assert all(set(a.measures) <= set(MEASURES) for a in arms)
+        assert all(dict(a.labels)["method"] == data.steering.method and dict(a.labels)["scale"] == data.steering.scale for a in arms)
+        height = [a for a in arms if dict(a.labels)["target_height"] is not None]
+        assert [dict(a.planner_options)["objective"] for a in height] == [("height", h) for h in data.height_targets]
+        assert all(a.measures == ("mean_height",) for a in height)
+    assert any(len(d.speed_targets) >= 5 for d in gs.OBJECTIVE_DATA)  # the "at least 5 targets"
+    mexpert = gs.OBJECTIVE_DATA[0]
+    assert all(a.n_samples == gs.OBJECTIVE_SAMPLES for a in gs.objective_arms(mexpert))
     # the best-steering choice never picks an objective arm
+    arms = [a for d in gs.OBJECTIVE_DATA for a in gs.objective_arms(d) + gs.objective_tuning_arms(d)]
     summary = {"settings": [{"name": a.name, "normalized": {"mean": 1000.0}} for a in arms]
-               + [{"name": f"{data.short}-k{k}-{m}", "normalized": {"mean": 1.0}} for k in gs.WINDOWS for m in ("unguided", "free1")]}
+               + [{"name": f"{mexpert.short}-k{k}-{m}", "normalized": {"mean": 1.0}} for k in gs.WINDOWS for m in ("unguided", "free1")]}
+    data = gs.GuidanceData(mexpert.dataset_id, mexpert.planner, None, (0.1,), mexpert.short)
     assert all(c["setting"].endswith("free1") for c in gs.choose_best(summary, [data]).values())
+
+
+def test_each_way_of_steering_by_an_objective_sets_its_own_options():
+    objective = ("speed", 1.5)
+    assert gs.Steering("best-of-n", 16).arm_options(objective) == {"n_samples": 16, "planner_options": (("objective", objective),)}
+    assert gs.Steering("gradient", 3.0).arm_options(objective) == {"guidance_scale": 3.0, "planner_options": (("objective", objective),)}
+    assert gs.Steering("inpainting").arm_options(objective) == {"planner_options": (("inpaint", objective),)}
+    with pytest.raises(ValueError, match="steering method"):
+        gs.Steering("prayer")
+
+
+def test_the_objective_steering_is_chosen_by_falls_then_speed_error():
+    ways = (gs.Steering("best-of-n", 16), gs.Steering("gradient", 1.0), gs.Steering("inpainting"))
+    data = gs.ObjectiveData("d", "p", "tiny", (1.0, 2.0), tuning_speeds=(1.0, 2.0), tried=ways)
+    outcome = {"best-of-16": (0, 0.5), "gradient1": (0, 0.1), "inpainting": (3, 0.0)}  # (falls per target, |error|)
+    summary = {"settings": [{"name": f"tiny-{w}-speed{v:g}", "falls": f, "labels": {"target_speed": v}, "mean_speed": {"mean": v + e}}
+                            for w, (f, e) in outcome.items() for v in (1.0, 2.0)]}
+    assert gs.choose_objective_steering(summary, data) == {"method": "gradient", "scale": 1.0, "falls": 0, "mean_abs_error": 0.1}
+    assert [a.name for a in gs.objective_tuning_arms(data)] == [f"tiny-{w}-speed{v:g}" for w in outcome for v in (1.0, 2.0)]
+    assert gs.objective_tuning_arms(gs.OBJECTIVE_DATA[0]) == []  # no tuning speeds: nothing tried in the study
 
 
 def test_the_best_setting_is_chosen_per_data_set_and_window():
@@ -81,6 +107,8 @@ def finished(shared_root, tmp_path_factory):
                      ValueConfig(total_steps=10, checkpoint_every=10, **common))
     planner = pretrained.load_run(str(d), str(v))
     data = (gs.GuidanceData(DATA, gs.SPEED_DATA, None, (0.1,), "tiny"),)
+    objectives = (gs.ObjectiveData(DATA, gs.SPEED_DATA, "tinyobj", (1.0, 2.0), (1.1,), gs.Steering("inpainting"), (1.5,),
+                                   (gs.Steering("inpainting"),)),)
 
     def load(name: str):
         return planner, {"source": {"planner": name}}
@@ -89,7 +117,7 @@ def finished(shared_root, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINARI_DATASETS_PATH", str(shared_root))
         kwargs = {"data": data, "seeds": [10000, 10001], "tuning_seeds": [20000], "max_steps": 6, "load": load,
-                  "progress": False, "behaviour": {"tiny": DATA}}
+                  "progress": False, "behaviour": {"tiny": DATA}, "objectives": objectives}
         for i in (1, 2):
             assert gs.guidance_study(out, part=(i, 2), **kwargs) is None  # rows only
         assert not (out / "summary.json").exists()
@@ -101,13 +129,18 @@ def test_the_study_tunes_steering_and_evaluates_objectives_too(finished):
     tuning = json.loads((out / "tuning" / "summary.json").read_text())
     tuned = {s["name"] for s in tuning["settings"]}
     evaluated = {s["name"] for s in summary["settings"]}
-    objectives = {a.name for a in gs.objective_arms(gs.GuidanceData(DATA, gs.SPEED_DATA, None, (0.1,), "tiny"))}
-    assert tuned and not tuned & objectives and evaluated == tuned | objectives
+    objective_data = gs.ObjectiveData(DATA, gs.SPEED_DATA, "tinyobj", (1.0, 2.0), (1.1,), gs.Steering("inpainting"), (1.5,),
+                                      (gs.Steering("inpainting"),))
+    objectives = {a.name for a in gs.objective_arms(objective_data)}
+    trials = {a.name for a in gs.objective_tuning_arms(objective_data)}
+    assert trials and trials <= tuned and not evaluated & trials
+    assert tuned and not tuned & objectives and evaluated == (tuned - trials) | objectives
+    assert set(summary["notes"]["objective_steering"]) == {DATA}
     assert {c["baseline"] for c in summary["comparisons"]} == {"tiny-k1-unguided", "tiny-k4-unguided"}
     assert set(summary["notes"]["behaviour_policy"]) == {"tiny"} and summary["notes"]["data"][DATA]["fell"]
     rows = load_rows(out)
     speed = [r for r in rows if r["target_speed"] not in ("", None)]
-    assert {float(r["target_speed"]) for r in speed} == set(gs.SPEED_TARGETS)
+    assert {float(r["target_speed"]) for r in speed} == {1.0, 2.0}
     assert all(r["mean_speed"] not in ("", None) for r in speed)
     assert all(r["mean_speed"] in ("", None) for r in rows if r["target_speed"] in ("", None) and r["target_height"] in ("", None))
 
