@@ -148,10 +148,10 @@ def _rebuild_command(dataset_id: str) -> str:
 
 def _expected_assets() -> set[str]:
     """The weight files the package ships, by name."""
-    from diffusion_rl.expert import shipped_policy_path
+    from diffusion_rl.expert import SHIPPED_POLICIES, shipped_policy_path
     from diffusion_rl.pretrained import INVERSE_DYNAMICS, PRETRAINED
 
-    return ({shipped_policy_path().name} | {name for files in PRETRAINED.values() for name in files.values()}
+    return ({shipped_policy_path(name).name for name in SHIPPED_POLICIES} | {name for files in PRETRAINED.values() for name in files.values()}
             | set(INVERSE_DYNAMICS.values()))
 
 

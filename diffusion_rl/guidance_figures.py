@@ -10,12 +10,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "guidance_targets", "headline_table_html",
-           "method_table_html", "objective_video", "plot_data_returns", "plot_data_speeds", "plot_speed_tracking", "plot_steering",
-           "data_speed_range", "settings_of", "speed_targets"]
+__all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "data_label", "data_speed_range", "guidance_targets",
+           "headline_table_html", "method_table_html", "objective_trials", "objective_video", "plot_data_returns", "plot_data_speeds",
+           "plot_speed_tracking", "plot_steering", "settings_of", "speed_targets"]
 
 DATA_LABELS = {"walker2d/local-expert-v0": "expert", "walker2d/local-medium-replay-v0": "medium-replay",
-               "walker2d/local-medium-expert-v0": "medium-expert", "walker2d/local-speeds-v0": "speeds"}
+               "walker2d/local-medium-expert-v0": "medium-expert"}
+"""The return-steering data sets, in the order of the figures' panels and the tables' rows."""
 METHOD_LABELS = {"unguided": "unguided", "gradient": "gradient guidance (κ)", "best-of-n": "best-of-N (N)",
                  "classifier-free": "classifier-free (w)"}
 
@@ -25,6 +26,11 @@ D4RL_SCORES = {
 }
 """Published D4RL Walker2d scores (normalized by D4RL's own random and expert returns): BC and Decision Diffuser from
 the Decision Diffuser paper's table, Diffuser from its README (medium-replay 70.6 +- 1.6, medium-expert 106.9 +- 0.2)."""
+
+
+def data_label(dataset: str) -> str:
+    """A data set's short name: ``medium-replay`` for ``walker2d/local-medium-replay-v0``."""
+    return DATA_LABELS.get(dataset) or dataset.split("/")[-1].removeprefix("local-").removesuffix("-v0")
 
 
 def settings_of(summary: dict, dataset: str | None = None, window: int | None = None, method: str | None = None) -> list[dict]:
@@ -53,7 +59,7 @@ def plot_data_returns(profiles: dict, reference_return: float):
     for ax, (dataset, p) in zip(axes[0], profiles.items()):
         score = 100 * np.asarray(p["returns"]) / reference_return
         ax.hist(np.clip(score, 0, 110), bins=bins, color="tab:gray")
-        ax.set_title(f"{DATA_LABELS.get(dataset, dataset)}: {p['episodes']} episodes, {p['falls']} falls", fontsize=10)
+        ax.set_title(f"{data_label(dataset)}: {p['episodes']} episodes, {p['falls']} falls", fontsize=10)
         ax.set_xlabel("episode return, % of the expert data's")
     axes[0][0].set_ylabel("episodes")
     fig.tight_layout()
@@ -85,7 +91,7 @@ def plot_steering(summary: dict, window: int, datasets: Sequence[str] | None = N
             for xi, s in zip(x, own):
                 ax.annotate(f"{s['labels']['scale']:g}", (xi, s["normalized"]["ci95"][0]), textcoords="offset points",
                             xytext=(0, -12), ha="center", fontsize=8, color=colors[method])
-        ax.set_title(f"{DATA_LABELS.get(dataset, dataset)} data, k = {window}")
+        ax.set_title(f"{data_label(dataset)} data, k = {window}")
         ax.set_xticks([])
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("score, % of the expert data's return")
@@ -187,6 +193,17 @@ def speed_targets(rows: list[dict], method: str | None = None, dataset: str | No
 
 
 
+def objective_trials(tuning: dict, dataset: str) -> list[dict]:
+    """The tuning stage's objective trials on one data set's planner: per way of steering and target, the achieved speed and falls."""
+    out = []
+    for s in tuning["settings"]:
+        labels = s.get("labels", {})
+        if labels.get("dataset") == dataset and labels.get("target_speed") is not None:
+            out.append({"method": labels["method"], "scale": labels["scale"], "target_speed": labels["target_speed"],
+                        "mean_speed": s["mean_speed"]["mean"], "falls": s["falls"], "episodes": s["episodes"]})
+    return out
+
+
 def _finish(fig, ax):
     """The two speed figures' common end: a legend at the top left, a light grid, a tight layout."""
     ax.legend(fontsize=8, loc="upper left")
@@ -207,7 +224,7 @@ def plot_data_speeds(profiles: dict, dataset: str):
     ax.scatter(speed[fell], ret[fell], s=12, marker="x", color="tab:red", label="fell")
     ax.set_xlabel("episode's mean forward speed (m/s)")
     ax.set_ylabel("episode return")
-    ax.set_title(f"{DATA_LABELS.get(dataset, dataset)} data: {p['episodes']} episodes", fontsize=10)
+    ax.set_title(f"{data_label(dataset)} data: {p['episodes']} episodes", fontsize=10)
     return _finish(fig, ax)
 
 
@@ -270,7 +287,7 @@ def guidance_targets(summary: dict, rows: list[dict], speed_ranges: dict[str, tu
         speed = speed_targets(rows, dataset=dataset)
         if not speed["targets"]:
             continue
-        label, width = DATA_LABELS.get(dataset, dataset), hi - lo
+        label, width = data_label(dataset), hi - lo
         out += [{"target": f"{label}, speed: Pearson r >= 0.9 over {len(speed['targets'])} targets", "value": f"{speed['pearson_r']:.2f}",
                  "met": len(speed["targets"]) >= 5 and speed["pearson_r"] >= 0.9},
                 {"target": f"{label}, speed: mean |error| <= 15% of the data's range ({0.15 * width:.2f} m/s)",

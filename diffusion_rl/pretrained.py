@@ -37,6 +37,7 @@ PRETRAINED = {
                                   "value": "walker2d-h8-medium-expert-value.safetensors"},
     "walker2d-h8-medium-replay-cf": {"diffuser": "walker2d-h8-medium-replay-cf-diffuser.safetensors"},
     "walker2d-h8-medium-expert-cf": {"diffuser": "walker2d-h8-medium-expert-cf-diffuser.safetensors"},
+    "walker2d-h8-speeds": {"diffuser": "walker2d-h8-speeds-diffuser.safetensors"},
 }
 """Shipped planners by name: the denoiser and value network files in ``diffusion_rl/assets``.
 
@@ -49,7 +50,9 @@ whole 8-step plans (``python -m diffusion_rl finetune``), sharing its value netw
 ``walker2d-h8-medium-replay`` and ``walker2d-h8-medium-expert`` learned from data of mixed quality
 (``make-dataset --recipe medium-replay`` / ``medium-expert``), each with a value network of the discounted return
 to the episode's end (Diffuser's); the ``-cf`` planners are denoisers trained on the same data with the return as a
-dropped-out condition, for classifier-free guidance (``evaluate --classifier-free-weight W``)."""
+dropped-out condition, for classifier-free guidance (``evaluate --classifier-free-weight W``). ``walker2d-h8-speeds``
+learned from a speed policy's walks at many speeds (``make-dataset --recipe speeds``), for test-time speed targets
+(``evaluate --target-speed V``); it has no value network."""
 
 DEFAULT_PLANNER = "walker2d-h8-dart"
 """What ``load()`` and ``evaluate`` use when no planner is named: the most robust to pushes among the shipped
@@ -62,13 +65,13 @@ DEFAULT_CONTROL = {
     "walker2d-h8-dart-push": {"controller": "fixed", "window": 8, "threshold": None, "ddim_steps": None, "warm_start": None},
     **{name: {"controller": "fixed", "window": 1, "threshold": None, "ddim_steps": 5, "warm_start": None}
        for name in ("walker2d-h8-medium-replay", "walker2d-h8-medium-expert", "walker2d-h8-medium-replay-cf",
-                    "walker2d-h8-medium-expert-cf")},
+                    "walker2d-h8-medium-expert-cf", "walker2d-h8-speeds")},
 }
 """How ``evaluate`` runs each shipped planner when given no controller options. ``walker2d-h8``: the setting
 the control study chose on its tuning seeds (``diffusion_rl/assets/control_study/summary.json``, notes.default);
 ``walker2d-h8-dart``: the push study's choice on its tuning seeds (``push_study/summary.json``, notes.default);
 ``walker2d-h8-dppo`` and ``walker2d-h8-dart-push``: whole plans, the window they were fine-tuned for; the
-mixed-data planners: every step with 5 DDIM steps, the guidance study's sampler."""
+mixed-data and speeds planners: every step with 5 DDIM steps, the guidance study's sampler."""
 
 INVERSE_DYNAMICS = {"walker2d": "walker2d-inverse-dynamics.safetensors"}
 """Shipped inverse-dynamics models a = f(s, s') by name (``python -m diffusion_rl train-inverse-dynamics``)."""

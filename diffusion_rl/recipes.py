@@ -153,10 +153,11 @@ def dart_behaviour(actor, options: DartOptions) -> Behaviour:
 class SpeedOptions:
     """Options of the ``speeds`` recipe."""
 
-    min_speed: float = 0.5
-    """Slowest target (m/s); each episode draws its target uniformly from [min_speed, max_speed]."""
+    min_speed: float = 1.5
+    """Slowest target (m/s); each episode draws its target uniformly from [min_speed, max_speed]. The speed policy
+    was trained on targets from 0.5 m/s (envs.TARGET_SPEEDS) but falls below 1.5 (its sidecar's speed_tracking)."""
     max_speed: float = 3.5
-    """Fastest target (m/s); the speed policy was trained on targets in envs.TARGET_SPEEDS."""
+    """Fastest target (m/s)."""
 
     def __post_init__(self):
         for name in ("min_speed", "max_speed"):
@@ -342,7 +343,7 @@ RECIPES = {r.name: r for r in [
     Recipe("expert-dart", "walker2d/local-expert-dart-v0", dart_behaviour, DartOptions,
            summary="DART: noisy executed actions under random pushes, the expert's clean actions recorded"),
     Recipe("speeds", "walker2d/local-speeds-v0", speed_behaviour, SpeedOptions, policy="speed",
-           summary="the speed policy's episodes, each asked for its own target speed (0.5-3.5 m/s)"),
+           summary="the speed policy's episodes, each asked for its own target speed (1.5-3.5 m/s)"),
     Recipe("medium", "walker2d/local-medium-v0", medium_behaviour, policy="medium",
            summary="the medium policy's stochastic episodes (D4RL's medium)"),
     Recipe("medium-replay", "walker2d/local-medium-replay-v0", None, ReplayOptions, policy="medium",

@@ -269,3 +269,17 @@ def test_an_exported_snapshot_names_the_run_that_stops_at_its_step(reference_run
     meta = export_policy(snapshot, tmp_path / "p.safetensors", command="x")
     assert meta["train_command"].startswith("python -m diffusion_rl train-expert --run-dir runs/speed-sac ")
     assert f"--total-steps {TINY.total_steps} " in meta["train_command"] + " " and meta["env_steps"] == TINY.total_steps
+
+
+def test_each_shipped_policy_verifies_and_names_the_run_that_makes_it():
+    from diffusion_rl.expert import SHIPPED_POLICIES, load_policy, shipped_policy_path
+
+    for name, (run_dir, options) in SHIPPED_POLICIES.items():
+        _, meta = load_policy(shipped_policy_path(name))  # checks the SHA-256
+        command = meta["train_command"]
+        assert command.startswith(f"python -m diffusion_rl train-expert --run-dir {run_dir} "), name
+        assert all(opt in command.split() for opt in options.split()), (name, options, command)
+        if "--total-steps" in options:
+            assert f"--total-steps {meta['env_steps']}" in command
+    speed = load_policy(shipped_policy_path("speed"))[1]
+    assert speed["obs_dim"] == 18 and len(speed["speed_tracking"]) >= 5  # it sees its target; its tracking is recorded

@@ -91,6 +91,7 @@ def test_targets_say_which_are_met():
     assert out["speeds, speed: mean |error| <= 15% of the data's range"] is False  # 0.67 m/s against 0.45
     assert out["speeds, speed: at most 2 falls in 30 episodes at every target"] is True
     assert gf.data_speed_range({SPEEDS: {"mean_speeds": list(np.linspace(0, 4, 101))}}, SPEEDS) == (0.2, 3.8)
+    assert gf.data_label(SPEEDS) == "speeds" and gf.data_label(MR) == "medium-replay" and SPEEDS not in gf.DATA_LABELS
 
 
 def test_speed_figures_render():
@@ -104,3 +105,14 @@ def test_speed_figures_render():
     fig = gf.plot_data_speeds(profiles, MR)
     assert len(fig.axes) == 1
     plt.close(fig)
+
+
+def test_objective_trials_list_one_planners_tried_ways_of_steering():
+    def trial(dataset, method, scale, target, achieved, falls):
+        return {"labels": {"dataset": dataset, "method": method, "scale": scale, "target_speed": target},
+                "mean_speed": {"mean": achieved}, "falls": falls, "episodes": 10}
+
+    tuning = {"settings": [trial(SPEEDS, "gradient", 1.0, 2.0, 1.9, 0), trial(SPEEDS, "inpainting", None, 2.0, 2.2, 3),
+                           trial(MR, "best-of-n", 16, 2.0, 1.0, 9), {"labels": {"dataset": SPEEDS, "method": "unguided"}}]}
+    out = gf.objective_trials(tuning, SPEEDS)
+    assert [(t["method"], t["mean_speed"], t["falls"]) for t in out] == [("gradient", 1.9, 0), ("inpainting", 2.2, 3)]
