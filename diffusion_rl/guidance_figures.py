@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = ["D4RL_SCORES", "DATA_LABELS", "METHOD_LABELS", "best_versus_unguided", "d4rl_table_html", "data_label", "data_speed_range", "guidance_targets",
            "headline_table_html", "method_table_html", "objective_trials", "objective_video", "plot_data_returns", "plot_data_speeds",
-           "plot_speed_tracking", "plot_steering", "settings_of", "speed_targets"]
+           "plot_speed_tracking", "plot_steering", "settings_of", "speed_targets", "speed_tracking_lines"]
 
 DATA_LABELS = {"walker2d/local-expert-v0": "expert", "walker2d/local-medium-replay-v0": "medium-replay",
                "walker2d/local-medium-expert-v0": "medium-expert"}
@@ -191,6 +191,13 @@ def speed_targets(rows: list[dict], method: str | None = None, dataset: str | No
             "mae": float(np.mean(np.abs(achieved - np.array(targets)))),
             "falls": {t: int(sum(x["fell"] for x in per[t])) for t in targets}, "episodes": {t: len(per[t]) for t in targets}}
 
+
+
+def speed_tracking_lines(rows: list[dict], dataset: str) -> list[str]:
+    """One line per target speed of a planner's speed rows: the target, the achieved mean speed, the falls."""
+    t = speed_targets(rows, dataset=dataset)
+    return [f"v* = {v:.1f} m/s: achieved {a:.2f} m/s, {t['falls'][v]} falls in {t['episodes'][v]}"
+            for v, a in zip(t["targets"], t["achieved"])]
 
 
 def objective_trials(tuning: dict, dataset: str) -> list[dict]:
