@@ -51,9 +51,11 @@ def settings_of(summary: dict, dataset: str | None = None, window: int | None = 
 
 
 def plot_data_returns(profiles: dict, reference_return: float):
-    """Each data set's episode returns, as % of the expert data's mean return: what a value function can choose between."""
+    """Each return-steering data set's (:data:`DATA_LABELS`) episode returns, as % of the expert data's mean return: what a
+    value function can choose between."""
     import matplotlib.pyplot as plt
 
+    profiles = {d: profiles[d] for d in DATA_LABELS if d in profiles}
     fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.0), sharex=True, squeeze=False)
     bins = np.linspace(0, 110, 23)
     for ax, (dataset, p) in zip(axes[0], profiles.items()):
@@ -259,14 +261,15 @@ def plot_speed_tracking(rows: list[dict], data_range: tuple[float, float] | None
     return _finish(fig, ax)
 
 
-def objective_video(planner, options: dict, seed: int, steps: int = 300, every: int = 3):
-    """A video of ``planner`` steered by ``options`` (an objective arm's settings) from ``seed``, captioned with its speed."""
+def objective_video(planner, arm, seed: int, steps: int = 300, every: int = 3):
+    """A video of ``planner`` run as the study's ``arm`` (an objective arm, :func:`guidance_study.speed_arm`) from ``seed``,
+    captioned with its speed."""
     from diffusion_rl import video
     from diffusion_rl.planner import rollout
 
-    steered = planner.with_options(**dict(options["planner_options"]))
-    r = rollout(steered, [seed], window=options["window"], n_samples=options.get("n_samples", 1),
-                guidance_scale=options.get("guidance_scale"), ddim_steps=options["ddim_steps"], max_steps=steps, record=True)[0]
+    steered = planner.with_options(**dict(arm.planner_options))
+    r = rollout(steered, [seed], window=arm.window, n_samples=arm.n_samples, guidance_scale=arm.guidance_scale,
+                ddim_steps=arm.ddim_steps, max_steps=steps, record=True)[0]
     frames = video.episode_frames(r.states, r.x, every=every)
     video.caption_frames(frames, f"mean speed {r.mean_speed:.2f} m/s" + (", falls" if r.fell else ""))
     return video.show_video(frames, fps=20)

@@ -45,7 +45,9 @@ __all__ = [
     "guidance_arms",
     "guidance_study",
     "objective_arms",
+    "objective_data",
     "objective_tuning_arms",
+    "speed_arm",
 ]
 
 METHODS = ("unguided", "gradient", "best-of-n", "classifier-free")
@@ -165,7 +167,7 @@ episodes walk at 1.5 to 2.7 m/s (5-95%: 1.63-2.63), none falling, and its five t
 the way the tuning stage chooses at three of them (:func:`choose_objective_steering`)."""
 
 SPEED_DATA = OBJECTIVE_DATA[0].planner
-"""The mixed-data planner the objectives steer."""
+"""The mixed-data planner the objectives steer (the first of :data:`OBJECTIVE_DATA`)."""
 
 
 def _labels(data, method: str, scale, speed=None, height=None) -> tuple:
@@ -197,9 +199,22 @@ def _objective_arm(data: ObjectiveData, steering: Steering, name: str, objective
                labels=_labels(data, steering.method, steering.scale, speed=speed, height=height), **steering.arm_options(objective))
 
 
+def speed_arm(data: ObjectiveData, target: float) -> Arm:
+    """The study's arm that steers ``data``'s planner, its way, toward ``target`` m/s."""
+    return _objective_arm(data, data.steering, f"speed{target:g}", ("speed", target), "mean_speed")
+
+
+def objective_data(planner: str) -> ObjectiveData:
+    """The entry of :data:`OBJECTIVE_DATA` whose planner is ``planner``."""
+    for data in OBJECTIVE_DATA:
+        if data.planner == planner:
+            return data
+    raise ValueError(f"No planner {planner!r} is steered by objectives; choose from {', '.join(d.planner for d in OBJECTIVE_DATA)}.")
+
+
 def objective_arms(data: ObjectiveData) -> list[Arm]:
     """Each target speed and target height, steered the planner's way."""
-    return ([_objective_arm(data, data.steering, f"speed{v:g}", ("speed", v), "mean_speed") for v in data.speed_targets]
+    return ([speed_arm(data, v) for v in data.speed_targets]
             + [_objective_arm(data, data.steering, f"height{h:g}", ("height", h), "mean_height") for h in data.height_targets])
 
 

@@ -116,3 +116,12 @@ def test_objective_trials_list_one_planners_tried_ways_of_steering():
                            trial(MR, "best-of-n", 16, 2.0, 1.0, 9), {"labels": {"dataset": SPEEDS, "method": "unguided"}}]}
     out = gf.objective_trials(tuning, SPEEDS)
     assert [(t["method"], t["mean_speed"], t["falls"]) for t in out] == [("gradient", 1.9, 0), ("inpainting", 2.2, 3)]
+
+
+def test_the_returns_figure_shows_only_the_return_steering_data():
+    import matplotlib.pyplot as plt
+
+    profile = {"episodes": 3, "falls": 0, "returns": [10.0, 500.0, 4000.0]}
+    fig = gf.plot_data_returns({SPEEDS: profile, MR: profile}, 4346.0)
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["medium-replay"]
+    plt.close(fig)

@@ -163,3 +163,12 @@ def test_the_shipped_study_has_the_interface_columns_and_every_setting_on_the_ev
     assert len(speeds) >= 5  # the "at least 5 targets"
     tuning = json.loads((folder / "tuning" / "summary.json").read_text())
     assert tuning["episodes_per_setting"] == 10
+
+
+def test_the_study_names_each_objective_planners_speed_arms():
+    speeds = gs.objective_data("walker2d-h8-speeds")
+    assert speeds.planner == "walker2d-h8-speeds" and speeds.steering == gs.Steering("gradient", 3.0)
+    arm = gs.speed_arm(speeds, 2.1)
+    assert arm in gs.objective_arms(speeds) and arm.guidance_scale == 3.0 and dict(arm.labels)["target_speed"] == 2.1
+    with pytest.raises(ValueError, match="walker2d-h8-speeds"):
+        gs.objective_data("walker2d-h8")
