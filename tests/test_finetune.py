@@ -317,3 +317,17 @@ def test_adding_a_run_keeps_the_reports_other_runs_and_refuses_other_seeds(run, 
     before = (tmp_path / "runs.json").read_text()
     assert main(["finetune-report", str(run), "--out", str(tmp_path), "--add", "--compare-at", "5", "--no-progress"]) == 2
     assert "compare-at" in capsys.readouterr().err and (tmp_path / "runs.json").read_text() == before
+
+
+def test_chapter_10_quotes_each_runs_tuning_score_from_the_report():
+    """Where chapter 10 says a run "ended at X% with N falls", X and N are that run's entry in runs.json."""
+    import re
+    from pathlib import Path
+
+    book = json.loads((Path(__file__).parents[1] / "book" / "10_finetuning.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in book["cells"] if c["cell_type"] == "markdown")
+    runs = {r["name"]: r["tuning"] for r in json.loads((pretrained.ASSETS / "finetune_runs" / "runs.json").read_text())["runs"]}
+    quoted = re.findall(r"`(dppo-[\w-]+)`\)?[^.`]*?ended (?:at |level: )(\d+\.\d)% with (\d+) falls", text)
+    assert len(quoted) >= 4, "the chapter's sentences about runs changed shape; update the pattern"
+    for name, score, falls in quoted:
+        assert (f"{runs[name]['normalized']:.1f}", runs[name]["falls"]) == (score, int(falls)), name
