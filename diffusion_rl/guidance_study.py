@@ -166,9 +166,6 @@ trial as an ``evaluate`` command). The torso heights are aimed below the data's 
 episodes walk at 1.5 to 2.7 m/s (5-95%: 1.63-2.63), none falling, and its five targets span that range; it is steered
 the way the tuning stage chooses at three of them (:func:`choose_objective_steering`)."""
 
-SPEED_DATA = OBJECTIVE_DATA[0].planner
-"""The mixed-data planner the objectives steer (the first of :data:`OBJECTIVE_DATA`)."""
-
 
 def _labels(data, method: str, scale, speed=None, height=None) -> tuple:
     return (("dataset", data.dataset_id), ("method", method), ("scale", scale), ("target_speed", speed), ("target_height", height))

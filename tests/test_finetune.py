@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,9 +323,6 @@ def test_adding_a_run_keeps_the_reports_other_runs_and_refuses_other_seeds(run, 
 
 def test_chapter_10_quotes_each_runs_tuning_score_from_the_report():
     """Where chapter 10 says a run "ended at X% with N falls", X and N are that run's entry in runs.json."""
-    import re
-    from pathlib import Path
-
     book = json.loads((Path(__file__).parents[1] / "book" / "10_finetuning.ipynb").read_text())
     text = "\n".join("".join(c["source"]) for c in book["cells"] if c["cell_type"] == "markdown")
     runs = {r["name"]: r["tuning"] for r in json.loads((pretrained.ASSETS / "finetune_runs" / "runs.json").read_text())["runs"]}

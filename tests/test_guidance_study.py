@@ -106,8 +106,8 @@ def finished(shared_root, tmp_path_factory):
     d, v = tiny_runs(shared_root, tmp_path_factory, DiffuserConfig(total_steps=20, checkpoint_every=20, **common),
                      ValueConfig(total_steps=10, checkpoint_every=10, **common))
     planner = pretrained.load_run(str(d), str(v))
-    data = (gs.GuidanceData(DATA, gs.SPEED_DATA, None, (0.1,), "tiny"),)
-    objectives = (gs.ObjectiveData(DATA, gs.SPEED_DATA, "tinyobj", (1.0, 2.0), (1.1,), gs.Steering("inpainting"), (1.5,),
+    data = (gs.GuidanceData(DATA, gs.OBJECTIVE_DATA[0].planner, None, (0.1,), "tiny"),)
+    objectives = (gs.ObjectiveData(DATA, gs.OBJECTIVE_DATA[0].planner, "tinyobj", (1.0, 2.0), (1.1,), gs.Steering("inpainting"), (1.5,),
                                    (gs.Steering("inpainting"),)),)
 
     def load(name: str):
@@ -129,7 +129,7 @@ def test_the_study_tunes_steering_and_evaluates_objectives_too(finished):
     tuning = json.loads((out / "tuning" / "summary.json").read_text())
     tuned = {s["name"] for s in tuning["settings"]}
     evaluated = {s["name"] for s in summary["settings"]}
-    objective_data = gs.ObjectiveData(DATA, gs.SPEED_DATA, "tinyobj", (1.0, 2.0), (1.1,), gs.Steering("inpainting"), (1.5,),
+    objective_data = gs.ObjectiveData(DATA, gs.OBJECTIVE_DATA[0].planner, "tinyobj", (1.0, 2.0), (1.1,), gs.Steering("inpainting"), (1.5,),
                                       (gs.Steering("inpainting"),))
     objectives = {a.name for a in gs.objective_arms(objective_data)}
     trials = {a.name for a in gs.objective_tuning_arms(objective_data)}
