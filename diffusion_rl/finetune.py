@@ -92,6 +92,9 @@ class FinetuneConfig:
     """Adam learning rate of the fine-tuned denoiser: small, since a clip of 0.01 on a 167-dimensional step leaves little room (1e-5 clipped 83 in 100 pairs in one update; the shipped run used 1e-5 with a clip of 0.03)."""
     critic_lr: float = 1e-3
     """Adam learning rate of the critic."""
+    anneal_lr: bool = False
+    """Decay the actor's learning rate linearly to 0 at the last iteration (CleanRL's PPO default), so the weights settle
+    instead of moving as much in the last update as in the first; with it, a resumed run may not change --iterations."""
     update_epochs: int = 4
     """Passes over each iteration's samples."""
     minibatch_size: int = 2048
@@ -127,7 +130,7 @@ LOG_PROBS = ("plan-sum", "action-mean")
 """The choices of ``FinetuneConfig.log_prob``."""
 
 RESUME_MAY_CHANGE = frozenset({"iterations", "threads", "snapshot_every"})
-"""Options that a resumed run may change: they do not alter the iterations already done."""
+"""Options that a resumed run may change: they do not alter the iterations already done (``iterations`` only without ``anneal_lr``)."""
 
 
 def _positive_finite(name: str, value, allow_zero: bool = False) -> None:
@@ -421,6 +424,9 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = T
     try:
         with torch_threads(cfg.threads):
             while iteration < cfg.iterations and not stop.requested:
+                if cfg.anneal_lr:
+                    for group in actor_opt.param_groups:
+                        group["lr"] = cfg.actor_lr * (1 - iteration / cfg.iterations)
                 seeds = [cfg.first_seed + iteration * cfg.n_envs + i for i in range(cfg.n_envs)]
                 tuned.eval()
                 batch = collect(policy, helper.obs_normalizer, unnormalize_actions, seeds, cfg, sampler_gen)
@@ -525,7 +531,8 @@ def _check_resume(saved: dict, cfg: FinetuneConfig, base: _Base, path: Path) -> 
     old = saved["config"]
     # An option added after the run was written has its default there.
     was = {f.name: old.get(f.name, f.default) for f in fields(cfg)}
-    changed = [n for n in was if n not in RESUME_MAY_CHANGE and was[n] != getattr(cfg, n)]
+    may_change = RESUME_MAY_CHANGE - ({"iterations"} if cfg.anneal_lr else set())  # the schedule spans the whole run
+    changed = [n for n in was if n not in may_change and was[n] != getattr(cfg, n)]
     if changed:
         what = "; ".join(f"--{n.replace('_', '-')} was {was[n]!r}, now {getattr(cfg, n)!r}" for n in changed)
         raise CheckpointError(f"{path} was written with other options ({what}): rerun with the same options, or use another --run-dir.")

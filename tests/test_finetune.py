@@ -330,3 +330,12 @@ def test_chapter_10_quotes_each_runs_tuning_score_from_the_report():
     assert len(quoted) >= 4, "the chapter's sentences about runs changed shape; update the pattern"
     for name, score, falls in quoted:
         assert (f"{runs[name]['normalized']:.1f}", runs[name]["falls"]) == (score, int(falls)), name
+
+
+def test_an_annealed_run_decays_the_actor_rate_and_keeps_its_length_on_resume(tmp_path):
+    cfg = replace(TINY, anneal_lr=True)
+    ft.finetune(replace(cfg, iterations=3), tmp_path, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt", kind="finetune")
+    assert state["actor_opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4 / 3), "the last of 3 iterations runs at 1/3 of the rate"
+    with pytest.raises(CheckpointError, match="--iterations was 3, now 4"):
+        ft.finetune(replace(cfg, iterations=4), tmp_path, progress=False)
