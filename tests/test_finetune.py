@@ -327,7 +327,7 @@ def test_chapter_10_quotes_each_runs_tuning_score_from_the_report():
     text = "\n".join("".join(c["source"]) for c in book["cells"] if c["cell_type"] == "markdown")
     runs = {r["name"]: r["tuning"] for r in json.loads((pretrained.ASSETS / "finetune_runs" / "runs.json").read_text())["runs"]}
     quoted = re.findall(r"`(dppo-[\w-]+)`\)?[^.`]*?ended (?:at |level: )(\d+\.\d)% with (\d+) falls", text)
-    assert len(quoted) >= 4, "the chapter's sentences about runs changed shape; update the pattern"
+    assert len(quoted) >= 7, "the chapter's sentences about runs changed shape; update the pattern"
     for name, score, falls in quoted:
         assert (f"{runs[name]['normalized']:.1f}", runs[name]["falls"]) == (score, int(falls)), name
 
