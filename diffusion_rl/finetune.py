@@ -57,7 +57,7 @@ from diffusion_rl.evaluation import score_reference
 from diffusion_rl.models import LevelSplit
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
-__all__ = ["FinetuneConfig", "LOG_PROBS", "RESUME_MAY_CHANGE", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
+__all__ = ["ANCHOR_ON", "FinetuneConfig", "LOG_PROBS", "RESUME_MAY_CHANGE", "anchor_weights", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ class FinetuneConfig:
     denoising_discount: float = 0.99
     """The advantage of the step at level t is scaled by this ** t: noisier steps matter less (DPPO)."""
     log_prob: str = "plan-sum"
-    """A step's log-density in PPO's ratio: "plan-sum", the exact density of the whole sampled plan; "action-mean", DPPO's, the mean per-dimension log-density of the executed actions (a ratio about 100x gentler, for DPPO's learning rate 1e-4)."""
+    """A step's log-density in PPO's ratio: "plan-sum", the exact density of the whole sampled plan; "action-mean", DPPO's, the mean per-dimension log-density of the executed actions (a ratio about 100x gentler, for DPPO's learning rate 1e-4); "action-sum", the exact density of the executed actions alone (the plan's states and unexecuted actions never reach the world, so their noise stays out of the ratio)."""
     clip: float = 0.01
     """PPO's clipped ratio range per denoising step (DPPO's Gym setting: many small steps, each clipped tightly; the shipped walker2d-h8-dppo used 0.03)."""
     actor_lr: float = 3e-6
@@ -103,6 +103,9 @@ class FinetuneConfig:
     """First iterations that train only the critic, so the first advantages are not noise (DPPO)."""
     anchor_coef: float = 0.0
     """Weight of the KL divergence to the pretrained chain's steps (0: none); keeps plans near the data."""
+    anchor_on: str = "plan"
+    """Which part of each step the anchor's KL covers: "plan", all it samples; "states", only the plan's states (with
+    --log-prob action-sum, the part the ratio leaves free, which still feeds the next denoising step)."""
     max_push: float = 0.0
     """Train under pushes: each episode draws a torso push of [0, max_push] N, 5 steps every 100 as in the push study (0: undisturbed)."""
     reward_scale: float = 0.01
@@ -126,8 +129,11 @@ class FinetuneConfig:
     """Gymnasium environment id."""
 
 
-LOG_PROBS = ("plan-sum", "action-mean")
+LOG_PROBS = ("plan-sum", "action-mean", "action-sum")
 """The choices of ``FinetuneConfig.log_prob``."""
+
+ANCHOR_ON = ("plan", "states")
+"""The choices of ``FinetuneConfig.anchor_on``."""
 
 RESUME_MAY_CHANGE = frozenset({"iterations", "threads", "snapshot_every"})
 """Options that a resumed run may change: they do not alter the iterations already done (``iterations`` only without ``anneal_lr``)."""
@@ -155,6 +161,8 @@ def check_config(cfg: FinetuneConfig, horizon: int | None = None, n_timesteps: i
     _positive_finite("--fall-penalty", cfg.fall_penalty, allow_zero=True)
     if cfg.log_prob not in LOG_PROBS:
         raise ValueError(f"--log-prob must be one of {', '.join(LOG_PROBS)}, got {cfg.log_prob!r}.")
+    if cfg.anchor_on not in ANCHOR_ON:
+        raise ValueError(f"--anchor-on must be one of {', '.join(ANCHOR_ON)}, got {cfg.anchor_on!r}.")
     for name in ("gamma", "gae_lambda", "denoising_discount"):
         value = getattr(cfg, name)
         _positive_finite("--" + name.replace("_", "-"), value, allow_zero=True)
@@ -240,8 +248,16 @@ def ratio_weights(policy: GaussianDiffusion, log_prob: str, window: int) -> torc
     if log_prob == "plan-sum":
         return _free_mask(policy)
     weights = torch.zeros(policy.horizon, policy.transition_dim)
-    weights[:window, : policy.action_dim] = 1.0 / (window * policy.action_dim)
+    weights[:window, : policy.action_dim] = 1.0 if log_prob == "action-sum" else 1.0 / (window * policy.action_dim)
     return weights
+
+
+def anchor_weights(policy: GaussianDiffusion, anchor_on: str) -> torch.Tensor:
+    """Weights over (H, D) of the anchor's KL (see ``FinetuneConfig.anchor_on``): the sampled dimensions it covers."""
+    mask = _free_mask(policy)
+    if anchor_on == "states":
+        mask[:, : policy.action_dim] = 0
+    return mask
 
 
 def step_log_prob(policy: GaussianDiffusion, x_in: torch.Tensor, x_out: torch.Tensor, level: torch.Tensor, std: torch.Tensor,
@@ -480,7 +496,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
         with torch.no_grad():
             old = torch.cat([step_log_prob(policy, x_in[i], x_out[i], levels[i], pair_std[i], mask)[0]
                              for i in torch.arange(len(levels)).split(cfg.minibatch_size)])
-        free = _free_mask(policy)  # the anchor is a KL over the whole step, whatever the ratio weighs
+        free = anchor_weights(policy, cfg.anchor_on)  # the anchor's own dimensions, whatever the ratio weighs
         tuned.train()
         kls, clips, anchors = [], [], []
         for _ in range(cfg.update_epochs):

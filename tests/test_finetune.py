@@ -95,7 +95,8 @@ def test_resuming_with_changed_options_names_both_values(run, tmp_path, capsys):
     ("--max-push", "nan", "--max-push must be"),
     ("--fall-penalty", "-5", "--fall-penalty must be a finite number >= 0"),
     ("--fall-penalty", "nan", "--fall-penalty must be"),
-    ("--log-prob", "plan-mean", "--log-prob must be one of plan-sum, action-mean"),
+    ("--log-prob", "plan-mean", "--log-prob must be one of plan-sum, action-mean, action-sum"),
+    ("--anchor-on", "actions", "--anchor-on must be one of plan, states"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, says):
     out = tmp_path / "run"
@@ -145,6 +146,26 @@ def test_the_action_mean_ratio_averages_the_executed_actions_only():
     logp, mean = ft.step_log_prob(diffusion, x_in, x_out, level, std, w)
     per_dim = -(x_out - mean).pow(2) / (2 * 0.01)
     torch.testing.assert_close(logp, per_dim[:, :3, :6].mean((1, 2)))
+
+
+def test_the_action_sum_ratio_is_the_exact_density_of_the_executed_actions():
+    diffusion = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    w = ft.ratio_weights(diffusion, "action-sum", 3)
+    assert w[:3, :6].eq(1).all() and w.sum() == 3 * 6, "each executed action dimension counts whole, nothing else counts"
+    g = torch.Generator().manual_seed(2)
+    x_in, x_out = torch.randn(4, 8, 23, generator=g), torch.randn(4, 8, 23, generator=g)
+    level, std = torch.tensor([0, 1, 2, 3]), torch.full((4,), 0.2)
+    logp, mean = ft.step_log_prob(diffusion, x_in, x_out, level, std, w)
+    exact = torch.distributions.Normal(mean[:, :3, :6], 0.2).log_prob(x_out[:, :3, :6]).sum((1, 2))
+    torch.testing.assert_close(logp - 18 * (math.log(0.2) + 0.5 * math.log(2 * math.pi)), exact)
+
+
+def test_the_anchor_on_states_covers_the_sampled_states_only():
+    diffusion = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    assert torch.equal(ft.anchor_weights(diffusion, "plan"), ft._free_mask(diffusion)), "the default keeps the whole step"
+    w = ft.anchor_weights(diffusion, "states")
+    assert w[:, :6].sum() == 0 and w[0].sum() == 0, "no action, and not the conditioned first state"
+    assert w[1:, 6:].eq(1).all() and w.sum() == 7 * 17
 
 
 def test_training_pushes_are_drawn_per_episode_from_its_seed():
