@@ -57,7 +57,7 @@ from diffusion_rl.evaluation import score_reference
 from diffusion_rl.models import LevelSplit
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
-__all__ = ["ANCHOR_ON", "FinetuneConfig", "LOG_PROBS", "RESUME_MAY_CHANGE", "anchor_weights", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
+__all__ = ["ANCHOR_ON", "LOG_PROBS", "RESUME_MAY_CHANGE", "FinetuneConfig", "anchor_weights", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
 
 
 @dataclass
