@@ -496,7 +496,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
         with torch.no_grad():
             old = torch.cat([step_log_prob(policy, x_in[i], x_out[i], levels[i], pair_std[i], mask)[0]
                              for i in torch.arange(len(levels)).split(cfg.minibatch_size)])
-        free = anchor_weights(policy, cfg.anchor_on)  # the anchor's own dimensions, whatever the ratio weighs
+        anchor_mask = anchor_weights(policy, cfg.anchor_on)  # its own dimensions, whatever the ratio weighs
         tuned.train()
         kls, clips, anchors = [], [], []
         for _ in range(cfg.update_epochs):
@@ -509,7 +509,7 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
                 if cfg.anchor_coef > 0:
                     with torch.no_grad():
                         ref_mean, _ = reference.p_mean_log_variance(x_in[idx], levels[idx])
-                    anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * free).sum((1, 2)).mean()
+                    anchor = ((mean - ref_mean).pow(2) / (2 * pair_std[idx, None, None] ** 2) * anchor_mask).sum((1, 2)).mean()
                     loss = loss + cfg.anchor_coef * anchor
                     anchors.append(float(anchor.detach()))
                 _gradient_step(loss, actor_opt, cfg.max_grad_norm, "actor", "Lower --actor-lr or raise --std-floor", iteration)
