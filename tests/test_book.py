@@ -91,9 +91,11 @@ def test_a_checked_output_is_what_a_cell_printed_however_the_kernel_split_it():
 
 
 @pytest.mark.slow
-def test_checked_cells_print_what_the_chapters_store(html):
+def test_checked_cells_print_what_the_chapters_store(html, recorded_numerics):
     # The build executed every chapter already (errors fail it); reading its notebooks compares the cells tagged
     # nbval-check-output with their stored outputs, as `pytest --nbval-lax` would, without running every chapter twice.
+    # A cell also tagged cpu-dependent prints numbers of the dataset this machine rebuilt, whose rewards carry its
+    # CPU's rounding: it is compared only where the kernels are the recording machine's (conftest.recorded_numerics).
     import nbformat
 
     executed = html.parent / "jupyter_execute"
@@ -105,7 +107,8 @@ def test_checked_cells_print_what_the_chapters_store(html):
         ran = nbformat.read(found[0], as_version=4)
         assert len(ran.cells) == len(stored.cells), f"{chapter}: the build ran another notebook"
         for i, (want, got) in enumerate(zip(stored.cells, ran.cells)):
-            if want.cell_type == "code" and "nbval-check-output" in want.metadata.get("tags", []):
+            tags = want.metadata.get("tags", [])
+            if want.cell_type == "code" and "nbval-check-output" in tags and not ("cpu-dependent" in tags and recorded_numerics):
                 assert _checked_outputs(got) == _checked_outputs(want), f"{chapter}, cell {i}: output differs from the stored one"
                 checked += 1
     assert checked >= 10, f"only {checked} checked cells: did the tags go missing?"

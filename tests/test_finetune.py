@@ -106,6 +106,13 @@ def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, s
     assert not out.exists()
 
 
+def test_an_anchor_placed_without_a_coefficient_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--run-dir", str(out), "--anchor-on", "states", "--no-progress"]) == 2
+    assert "--anchor-on states needs --anchor-coef > 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_base_planner_that_fails_its_sha256_is_refused(tmp_path, monkeypatch, capsys):
     import shutil
 

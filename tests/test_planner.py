@@ -271,14 +271,18 @@ def test_plans_do_not_depend_on_their_batch_mates(scale):
         assert np.array_equal(part, full[:n]), n
 
 
-def test_an_episode_of_a_batch_replays_alone_to_its_sidecar_return():
+def test_an_episode_of_a_batch_replays_alone_to_its_sidecar_return(recorded_numerics):
     """Two of the 20 scored guided k = 8 episodes, run on their own, give the sidecar's returns bit for bit.
 
     (The unguided ones replay in tests/test_control.py, through the controller that ``window=8`` stands for.)
+    On a CPU whose kernels round otherwise, each of the two run alone still gives what it gave in their batch.
     """
     planner = pretrained.load("walker2d-h8", device="cpu")
-    score = planner.meta["score"]
-    for key, scale in (("guided_k8", score["guided_k8"]["guidance_scale"]),):
-        seeds = score[key]["seeds"]
-        results = rollout(planner, [seeds[0], seeds[7]], window=8, guidance_scale=scale)
-        assert [round(r.total_return, 2) for r in results] == [score[key]["returns"][0], score[key]["returns"][7]]
+    score = planner.meta["score"]["guided_k8"]
+    seeds, scale = [score["seeds"][0], score["seeds"][7]], score["guidance_scale"]
+    batch = [round(r.total_return, 2) for r in rollout(planner, seeds, window=8, guidance_scale=scale)]
+    if recorded_numerics:
+        alone = [round(rollout(planner, [s], window=8, guidance_scale=scale)[0].total_return, 2) for s in seeds]
+        assert alone == batch
+        pytest.skip(recorded_numerics)
+    assert batch == [score["returns"][0], score["returns"][7]]

@@ -16,6 +16,7 @@ from diffusion_rl import experiment, pretrained
 from diffusion_rl.checkpoint import load_checkpoint
 from diffusion_rl.cli import main
 from diffusion_rl.diffusion import ClassifierFree
+from diffusion_rl.envs import make_env
 from diffusion_rl.experiment import Arm
 from diffusion_rl.models import TemporalUnet, UNetConfig
 from diffusion_rl.objectives import SPEED_INDEX, make_objective
@@ -63,8 +64,10 @@ def test_guidance_weight_0_is_unconditional_and_1_is_conditional(conditional_run
     x, t = torch.randn(4, d.horizon, d.transition_dim), torch.full((4,), 2)
     y = torch.full((4, 1), 1.0)
     with torch.no_grad():
-        assert torch.allclose(d.predict_x0(x, t, free=ClassifierFree(1.0, 0.0)), d.model(x, t), atol=1e-6)
-        assert torch.allclose(d.predict_x0(x, t, free=ClassifierFree(1.0, 1.0)), d.model(x, t, y, torch.ones(4)), atol=1e-6)
+        # Guidance runs one call of twice the batch; some CPUs' convolution kernels round a batch of 8 and one of 4
+        # differently in the last bits (2e-6 seen), hence 1e-5 and not equality.
+        assert torch.allclose(d.predict_x0(x, t, free=ClassifierFree(1.0, 0.0)), d.model(x, t), atol=1e-5)
+        assert torch.allclose(d.predict_x0(x, t, free=ClassifierFree(1.0, 1.0)), d.model(x, t, y, torch.ones(4)), atol=1e-5)
         far = d.predict_x0(x, t, free=ClassifierFree(1.0, 3.0))
         assert not torch.allclose(far, d.model(x, t, y, torch.ones(4)), atol=1e-4)
 
@@ -109,9 +112,12 @@ def test_conditional_training_resumes_bit_for_bit_after_a_kill(conditional_run, 
 # ----------------------------------------------------------------------------- objectives at test time
 
 
-def test_speed_guidance_moves_the_planned_speed_toward_the_target(runs):
-    planner = pretrained.load_run(runs[0], runs[1])
-    obs = np.zeros((4, planner.obs_dim), np.float32)
+def test_speed_guidance_moves_the_planned_speed_toward_the_target():
+    # The shipped planner, not a tiny one: 40 training steps leave a denoiser whose answer to a small push is noise.
+    planner = pretrained.load("walker2d-h8", device="cpu")
+    env = make_env()
+    obs = np.repeat(env.reset(seed=0)[0][None].astype(np.float32), 4, 0)
+    env.close()
     base = planner.plan(obs, seed=0).observations[:, 1:, SPEED_INDEX].mean()
     spread = float(planner.normalizer.scale[planner.action_dim + SPEED_INDEX])  # the data's speed std: the objective's units
     for target in (base - 3 * spread, base + 3 * spread):
