@@ -222,10 +222,11 @@ def test_repo_url_tool_rewrites_the_install_cells(tmp_path):
 
 @pytest.mark.parametrize("path", [p for p in CHAPTERS if repo_url.install_cell(json.loads(p.read_text()))],
                          ids=lambda p: p.stem)
-def test_colab_cell_runs_in_a_fresh_kernel(path, monkeypatch):
+def test_colab_cell_runs_in_a_fresh_kernel(path, monkeypatch, tmp_path):
     """The chapter's first cell as Colab runs it (COLAB_RELEASE_TAG set), with the pip line a no-op here."""
     import nbformat
     from nbclient import NotebookClient
+    from traitlets.config import Config
 
     source = "".join(repo_url.install_cell(json.loads(path.read_text(encoding="utf-8")))["source"])
     local = "\n".join(repo_url.PIP_LINE.sub(r"\g<indent>import diffusion_rl  # installed here", line)
@@ -234,7 +235,10 @@ def test_colab_cell_runs_in_a_fresh_kernel(path, monkeypatch):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(local)])
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
     monkeypatch.delenv("MUJOCO_GL", raising=False)  # as on Colab: the cell must pick the backend itself
-    NotebookClient(nb, timeout=180, kernel_name="python3").execute()  # raises on any error in the cell
+    # The kernel talks over files in tmp_path, not TCP ports: the book build starts kernels beside this test, and a
+    # port the client picked can be taken before its kernel binds it ("Address already in use", seen once).
+    ipc = Config({"KernelManager": {"transport": "ipc", "ip": str(tmp_path / "kernel")}})
+    NotebookClient(nb, timeout=180, kernel_name="python3", config=ipc).execute()  # raises on any error in the cell
     text = "".join(o.get("text", "") for o in nb.cells[0].outputs)
     assert re.search(r"MuJoCo renders with (egl|osmesa|glfw)\b", text), text
 
