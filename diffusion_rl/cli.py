@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from typing import NoReturn
 
 __all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage is one ``--help`` away) that reads ``-1e-05`` as a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Before Python 3.13 argparse takes "-1e-05" for an option ("expected one argument"), so a negative
+        # learning rate never reached the check that names what is wrong with it.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -318,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     from diffusion_rl.expert import SACConfig
 
-    parser = argparse.ArgumentParser(prog="python -m diffusion_rl", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m diffusion_rl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
 
     p = sub.add_parser("train-expert", help="train (or resume) the SAC expert on Walker2d-v5")

@@ -106,6 +106,17 @@ def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, s
     assert not out.exists()
 
 
+def test_a_negative_rate_in_e_notation_reaches_its_check_and_parse_errors_take_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--run-dir", str(out), "--actor-lr", "-1e-5", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --actor-lr must be a finite number > 0, got -1e-05."
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--run-dir", str(out), "--window", "x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid int value: 'x'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_an_anchor_placed_without_a_coefficient_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--run-dir", str(out), "--anchor-on", "states", "--no-progress"]) == 2
