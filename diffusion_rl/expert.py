@@ -60,7 +60,8 @@ LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
 RESUME_MAY_CHANGE = frozenset({"total_steps", "threads", "eval_every", "eval_episodes", "checkpoint_every"})
 """Options that do not change the trajectory of training, so a resumed run may use new values.
-(torch's CPU kernels here give bit-identical results with 1 and 2 threads; tests/test_expert.py checks.)"""
+(With MKL's AVX-512 kernels, 1 and 2 threads give bit-identical results, which tests/test_expert.py checks; its
+AVX2 kernels add up by thread, so on such a CPU a resume is bit-exact only with the same --threads.)"""
 
 
 @dataclass(frozen=True)
