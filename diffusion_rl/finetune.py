@@ -136,7 +136,8 @@ ANCHOR_ON = ("plan", "states")
 """The choices of ``FinetuneConfig.anchor_on``."""
 
 RESUME_MAY_CHANGE = frozenset({"iterations", "threads", "snapshot_every"})
-"""Options that a resumed run may change: they do not alter the iterations already done (``iterations`` only without ``anneal_lr``)."""
+"""Options that a resumed run may change: they do not alter the iterations already done (``iterations`` only without ``anneal_lr``).
+Another ``threads`` continues bit for bit where MKL runs its AVX-512 kernels, not where it runs its AVX2 ones (they add up by thread)."""
 
 
 def _positive_finite(name: str, value, allow_zero: bool = False) -> None:
