@@ -164,7 +164,7 @@ def check_config(cfg: FinetuneConfig, horizon: int | None = None, n_timesteps: i
         raise ValueError(f"--log-prob must be one of {', '.join(LOG_PROBS)}, got {cfg.log_prob!r}.")
     if cfg.anchor_on not in ANCHOR_ON:
         raise ValueError(f"--anchor-on must be one of {', '.join(ANCHOR_ON)}, got {cfg.anchor_on!r}.")
-    if cfg.anchor_on != ANCHOR_ON[0] and cfg.anchor_coef == 0:
+    if cfg.anchor_on != "plan" and cfg.anchor_coef == 0:
         # Otherwise the option would be recorded in the run yet change nothing.
         raise ValueError(f"--anchor-on {cfg.anchor_on} needs --anchor-coef > 0 (with 0 there is no anchor to place).")
     for name in ("gamma", "gae_lambda", "denoising_discount"):

@@ -33,20 +33,28 @@ def minari_root(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def recorded_numerics() -> str | None:
-    """None where this CPU computes the recording machine's bits; otherwise a one-line reason to skip.
-
-    A walker's episode turns a last-bit difference in a matrix product into another return, and MKL and
-    oneDNN pick their kernels by CPU generation, so shipped per-episode numbers replay exactly only on
-    CPUs whose kernels round as the recording machine's did. The check: the shipped expert's first two
-    scored episodes (one thread, as every test runs) give its sidecar's returns to the cent.
-    """
+def expert_replay() -> list[float]:
+    """The shipped expert's first two scored episodes, replayed here (one thread, as every test runs): their returns."""
     from diffusion_rl.envs import EVAL_SEEDS
     from diffusion_rl.expert import evaluate_policy, load_policy
 
-    actor, meta = load_policy()
-    got = [round(float(r), 2) for r in evaluate_policy(actor, EVAL_SEEDS[:2], deterministic=True)]
-    want = meta["eval_deterministic"]["returns"][:2]
+    actor, _ = load_policy()
+    return [float(r) for r in evaluate_policy(actor, EVAL_SEEDS[:2], deterministic=True)]
+
+
+@pytest.fixture(scope="session")
+def foreign_cpu(expert_replay) -> str | None:
+    """A one-line reason to skip where this CPU does not compute the recording machine's bits; None where it does.
+
+    A walker's episode turns a last-bit difference in a matrix product into another return, and MKL and
+    oneDNN pick their kernels by CPU generation, so shipped per-episode numbers replay exactly only on
+    CPUs whose kernels round as the recording machine's did. The check: the expert's replayed episodes
+    give its sidecar's returns to the cent.
+    """
+    from diffusion_rl.envs import EVAL_SEEDS
+    from diffusion_rl.expert import load_policy
+
+    got, want = [round(r, 2) for r in expert_replay], load_policy()[1]["eval_deterministic"]["returns"][:2]
     if got == want:
         return None
     return (f"this CPU's floating-point kernels differ from the recording machine's (the expert's seeds "

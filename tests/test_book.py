@@ -91,11 +91,11 @@ def test_a_checked_output_is_what_a_cell_printed_however_the_kernel_split_it():
 
 
 @pytest.mark.slow
-def test_checked_cells_print_what_the_chapters_store(html, recorded_numerics):
+def test_checked_cells_print_what_the_chapters_store(html, foreign_cpu):
     # The build executed every chapter already (errors fail it); reading its notebooks compares the cells tagged
     # nbval-check-output with their stored outputs, as `pytest --nbval-lax` would, without running every chapter twice.
     # A cell also tagged cpu-dependent prints numbers of the dataset this machine rebuilt, whose rewards carry its
-    # CPU's rounding: it is compared only where the kernels are the recording machine's (conftest.recorded_numerics).
+    # CPU's rounding: it is compared only where the kernels are the recording machine's (conftest.foreign_cpu).
     import nbformat
 
     executed = html.parent / "jupyter_execute"
@@ -108,7 +108,7 @@ def test_checked_cells_print_what_the_chapters_store(html, recorded_numerics):
         assert len(ran.cells) == len(stored.cells), f"{chapter}: the build ran another notebook"
         for i, (want, got) in enumerate(zip(stored.cells, ran.cells)):
             tags = want.metadata.get("tags", [])
-            if want.cell_type == "code" and "nbval-check-output" in tags and not ("cpu-dependent" in tags and recorded_numerics):
+            if want.cell_type == "code" and "nbval-check-output" in tags and not ("cpu-dependent" in tags and foreign_cpu):
                 assert _checked_outputs(got) == _checked_outputs(want), f"{chapter}, cell {i}: output differs from the stored one"
                 checked += 1
     assert checked >= 10, f"only {checked} checked cells: did the tags go missing?"

@@ -271,7 +271,7 @@ def test_plans_do_not_depend_on_their_batch_mates(scale):
         assert np.array_equal(part, full[:n]), n
 
 
-def test_an_episode_of_a_batch_replays_alone_to_its_sidecar_return(recorded_numerics):
+def test_an_episode_of_a_batch_replays_alone_to_its_sidecar_return(foreign_cpu):
     """Two of the 20 scored guided k = 8 episodes, run on their own, give the sidecar's returns bit for bit.
 
     (The unguided ones replay in tests/test_control.py, through the controller that ``window=8`` stands for.)
@@ -281,8 +281,8 @@ def test_an_episode_of_a_batch_replays_alone_to_its_sidecar_return(recorded_nume
     score = planner.meta["score"]["guided_k8"]
     seeds, scale = [score["seeds"][0], score["seeds"][7]], score["guidance_scale"]
     batch = [round(r.total_return, 2) for r in rollout(planner, seeds, window=8, guidance_scale=scale)]
-    if recorded_numerics:
+    if foreign_cpu:
         alone = [round(rollout(planner, [s], window=8, guidance_scale=scale)[0].total_return, 2) for s in seeds]
         assert alone == batch
-        pytest.skip(recorded_numerics)
+        pytest.skip(foreign_cpu)
     assert batch == [score["returns"][0], score["returns"][7]]

@@ -190,7 +190,7 @@ def _nbval(tmp_path: Path, tags: list[str]) -> int:
     for _ in range(2):  # nbval's kernel takes TCP ports: beside the book build's kernels, one may be gone (seen once)
         run = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", path.name],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
-        if "Address already in use" not in run.stdout + run.stderr and "Kernel didn't respond" not in run.stdout + run.stderr:
+        if not any(lost in run.stdout + run.stderr for lost in ("Address already in use", "Kernel didn't respond")):
             break
     return run.returncode
 
