@@ -254,11 +254,10 @@ def cmd_export_inverse_dynamics(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from diffusion_rl.sweep import PRESETS, SweepConfig, run_sweep
-
     from dataclasses import replace
 
     from diffusion_rl.disturbances import Disturbance
+    from diffusion_rl.sweep import PRESETS, SweepConfig, run_sweep
 
     cfg = config_from_args(SweepConfig, args, **PRESETS[args.preset])
     disturbance = config_from_args(Disturbance, args)

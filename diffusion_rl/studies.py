@@ -41,7 +41,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from diffusion_rl.disturbances import Disturbance
-from diffusion_rl.experiment import EVAL_SEEDS, EXPERT, TUNING_SEEDS, Arm, Comparison, load_rows, run_experiment, shipped_planner
+from diffusion_rl.experiment import (
+    EVAL_SEEDS,
+    EXPERT,
+    TUNING_SEEDS,
+    Arm,
+    Comparison,
+    load_rows,
+    run_experiment,
+    shipped_planner,
+)
 from diffusion_rl.guidance_study import guidance_study
 from diffusion_rl.planner import Planner
 

@@ -252,6 +252,7 @@ def test_gae_ends_at_a_fall_and_bootstraps_at_a_time_limit():
     # A fall penalty lands on the falling chunk only, and reaches the chunks before it discounted.
     adv_p, targets_p = ft.gae(values, last, batch, replace(cfg, fall_penalty=10.0))
     np.testing.assert_allclose(targets_p - targets, [0.5 * -10, -10, 0])
+    np.testing.assert_allclose(adv_p - adv, targets_p - targets)  # the values are the same, so advantages move alike
 
 
 def test_the_exported_planner_loads_and_before_any_update_plans_like_its_base(tmp_path):

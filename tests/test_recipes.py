@@ -287,7 +287,7 @@ def test_a_medium_expert_build_killed_mid_write_leaves_nothing_loadable_and_reru
         collect.make_dataset(progress=False, recipe="medium-expert")
     final = local_dataset_path("walker2d/local-medium-expert-v0")
     assert not final.exists() and not is_complete_dataset(final)
-    with pytest.raises(Exception):
+    with pytest.raises(DatasetError, match="is not in"):
         load_dataset("walker2d/local-medium-expert-v0", download=False)
     monkeypatch.setattr(minari, "create_dataset_from_buffers", real)
     rebuilt = episodes(collect.make_dataset(progress=False, recipe="medium-expert"))
