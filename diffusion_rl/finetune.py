@@ -13,7 +13,8 @@ gradient on the environment's return reaches the denoiser through every step. As
   steps keep the pretrained network (:class:`~diffusion_rl.models.LevelSplit`);
 * those steps sample with a standard deviation of at least ``std_floor`` (on normalized units), so
   the policy keeps exploring and its log-probabilities stay finite (the DDPM posterior variance of
-  the last step is 0);
+  the last step is 0); with ``pretrained_last_step`` the trained steps sit one level higher and the
+  last step returns the pretrained network's mean, so that noise is denoised before it is executed;
 * a critic V(s) on the environment state, generalized advantage estimation over executed chunks,
   and PPO's clipped ratio per denoising step, with the advantage discounted along the chain.
 
@@ -57,7 +58,7 @@ from diffusion_rl.evaluation import score_reference
 from diffusion_rl.models import LevelSplit
 from diffusion_rl.runtime import StopOnSignal, torch_threads
 
-__all__ = ["ANCHOR_ON", "LOG_PROBS", "RESUME_MAY_CHANGE", "FinetuneConfig", "anchor_weights", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
+__all__ = ["ANCHOR_ON", "LOG_PROBS", "RESUME_MAY_CHANGE", "FinetuneConfig", "anchor_weights", "first_level", "chain_kl", "check_config", "export_finetuned", "finetune", "plan_distance_to_data", "planner_from_run", "ratio_weights", "read_curve", "sample_chain", "training_disturbance"]
 
 
 @dataclass
@@ -72,6 +73,10 @@ class FinetuneConfig:
     """K: the last K denoising steps are trained (DPPO trains 10 of 20); the noisier ones stay pretrained."""
     std_floor: float = 0.1
     """Smallest standard deviation of a trained step, in normalized units (DPPO: 0.1), so exploration never dies."""
+    pretrained_last_step: bool = False
+    """Keep the last denoising step (level 0) pretrained, returning its mean, and train levels K..1 instead of K-1..0. The
+    floor then adds its noise one step before the clean plan, where a denoising step still acts on it, not to the executed
+    actions themselves (with DPPO's placement the exploring policy is the evaluated one plus 0.1 of noise on every action)."""
     n_envs: int = 16
     """Episodes collected per iteration, stepped together so they share each denoiser call."""
     iterations: int = 80
@@ -154,7 +159,9 @@ def _int_in(name: str, value, low: int, high: int | None = None) -> None:
 def check_config(cfg: FinetuneConfig, horizon: int | None = None, n_timesteps: int | None = None) -> FinetuneConfig:
     """Refuse options out of range (NaN included) before anything is loaded or written."""
     _int_in("--window", cfg.window, 1, horizon)
-    _int_in("--finetune-steps (K)", cfg.finetune_steps, 1, n_timesteps)
+    if not isinstance(cfg.pretrained_last_step, bool):
+        raise ValueError(f"--pretrained-last-step must be True or False, got {cfg.pretrained_last_step!r}.")
+    _int_in("--finetune-steps (K)", cfg.finetune_steps, 1, None if n_timesteps is None else n_timesteps - first_level(cfg))
     for name in ("std_floor", "clip", "actor_lr", "critic_lr", "reward_scale", "max_grad_norm"):
         _positive_finite("--" + name.replace("_", "-"), getattr(cfg, name))
     _positive_finite("--anchor-coef", cfg.anchor_coef, allow_zero=True)
@@ -200,13 +207,18 @@ def _load_base(name: str) -> _Base:
     return _Base(diffusion.eval().requires_grad_(False), normalizer, meta, path, meta["sha256"])
 
 
-def _policy(base: _Base, levels: int) -> GaussianDiffusion:
-    """A copy of the base denoiser whose last ``levels`` steps use a trainable copy of its network."""
+def first_level(cfg: FinetuneConfig) -> int:
+    """The lowest trained noise level: 0, or 1 where the last step stays pretrained."""
+    return int(cfg.pretrained_last_step)
+
+
+def _policy(base: _Base, levels: int, first: int = 0) -> GaussianDiffusion:
+    """A copy of the base denoiser whose ``levels`` steps from level ``first`` up use a trainable copy of its network."""
     from diffusion_rl.training import build_network
 
     policy, _ = build_network("diffuser", base.meta["config"], base.meta["transition_dim"], base.meta["action_dim"])
     tuned = copy.deepcopy(base.diffusion.model).requires_grad_(True).train()
-    policy.model = LevelSplit(base.diffusion.model, tuned, levels)
+    policy.model = LevelSplit(base.diffusion.model, tuned, levels, first)
     return policy
 
 
@@ -217,11 +229,11 @@ def step_std(diffusion: GaussianDiffusion, level: int, std_floor: float) -> floa
 
 @torch.no_grad()
 def sample_chain(policy: GaussianDiffusion, cond: torch.Tensor, levels: int, std_floor: float,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator, first: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample plans from states ``cond`` (B, obs_dim, normalized) and keep the trained steps.
 
-    Returns the clean plans (B, H, D) and, for the last ``levels`` steps (levels - 1 down to 0), each
-    step's input and output, both (B, levels, H, D). Steps above ``levels`` sample as the pretrained DDPM.
+    Returns the clean plans (B, H, D) and, for the ``levels`` trained steps (first + levels - 1 down to
+    first), each step's input and output, both (B, levels, H, D). The other steps sample as the DDPM.
     """
     B, H, D = len(cond), policy.horizon, policy.transition_dim
     x = condition(torch.randn(B, H, D, generator=generator), cond, policy.action_dim)
@@ -230,7 +242,7 @@ def sample_chain(policy: GaussianDiffusion, cond: torch.Tensor, levels: int, std
         t = torch.full((B,), level, dtype=torch.long)
         mean, log_var = policy.p_mean_log_variance(x, t)
         z = torch.randn(B, H, D, generator=generator)
-        if level < levels:
+        if first <= level < first + levels:
             x_next = condition(mean + step_std(policy, level, std_floor) * z, cond, policy.action_dim)
             inputs.append(x)
             outputs.append(x_next)
@@ -314,7 +326,7 @@ def collect(policy: GaussianDiffusion, obs_normalizer, action_unnormalize, seeds
     try:
         while live:
             cond = obs_normalizer.normalize(torch.from_numpy(obs[live]))
-            plans, x_in, x_out = sample_chain(policy, cond, cfg.finetune_steps, cfg.std_floor, generator)
+            plans, x_in, x_out = sample_chain(policy, cond, cfg.finetune_steps, cfg.std_floor, generator, first_level(cfg))
             actions = action_unnormalize(plans[:, : cfg.window])
             still = []
             for j, i in enumerate(live):
@@ -398,8 +410,8 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = T
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    K = cfg.finetune_steps
-    policy = _policy(base, K)
+    K, first = cfg.finetune_steps, first_level(cfg)
+    policy = _policy(base, K, first)
     tuned = policy.model.tuned
     obs_dim = base.diffusion.transition_dim - base.diffusion.action_dim
     critic = make_critic(obs_dim, cfg.critic_hidden)
@@ -423,14 +435,14 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, progress: bool = T
     helper = Planner(base.diffusion, base.normalizer)  # its normalizers, for states in and actions out
     mask = ratio_weights(policy, cfg.log_prob, cfg.window)
     data_return = score_reference(base.meta)["mean_return"]
-    std = torch.tensor([step_std(policy, level, cfg.std_floor) for level in range(K)])
+    std = torch.tensor([step_std(policy, level, cfg.std_floor) for level in range(first + K)])  # by level
 
     def unnormalize_actions(plans: torch.Tensor) -> np.ndarray:
         return helper.normalizer.unnormalize(plans.double()).float().numpy()[..., : helper.action_dim]
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_path, {
-            "kind": "finetune", "config": asdict(cfg), "base_sha256": base.sha256, "levels": K,
+            "kind": "finetune", "config": asdict(cfg), "base_sha256": base.sha256, "levels": K, "first_level": first,
             "tuned": tuned.state_dict(), "critic": critic.state_dict(),
             "actor_opt": actor_opt.state_dict(), "critic_opt": critic_opt.state_dict(),
             "sampler_rng": sampler_gen.get_state(), "order_rng": order_gen.get_state(),
@@ -489,9 +501,9 @@ def _update(policy: GaussianDiffusion, reference: GaussianDiffusion, critic: nn.
     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     adv_t, targets_t = torch.as_tensor(adv, dtype=torch.float32), torch.as_tensor(targets, dtype=torch.float32)
 
-    # Pairs (chunk n, trained step s); step s runs from level K-1-s.
+    # Pairs (chunk n, trained step s); step s runs from level first + K-1-s.
     x_in, x_out = batch.x_in.flatten(0, 1), batch.x_out.flatten(0, 1)
-    levels = (K - 1 - torch.arange(K)).repeat(N)
+    levels = (first_level(cfg) + K - 1 - torch.arange(K)).repeat(N)
     pair_adv = adv_t.repeat_interleave(K) * cfg.denoising_discount ** levels.float()
     pair_std = std[levels]
     tuned = policy.model.tuned
@@ -598,7 +610,7 @@ def planner_from_run(run_dir: str | os.PathLike, snapshot: int | None = None, wi
     base = _load_base(cfg.planner)
     if state["base_sha256"] != base.sha256:
         raise CheckpointError(f"{run_dir} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
-    policy = _policy(base, int(state["levels"]))
+    policy = _policy(base, int(state["levels"]), int(state.get("first_level", 0)))
     if snapshot is None:
         policy.model.tuned.load_state_dict(state["tuned"])
     else:
@@ -693,11 +705,11 @@ def chain_kl(planner, states: np.ndarray, std_floor: float = 0.1, seed: int = 0)
         raise ValueError("chain_kl needs a fine-tuned planner (its denoiser is a LevelSplit).")
     policy = planner.diffusion
     cond = planner.obs_normalizer.normalize(torch.from_numpy(np.asarray(states, np.float32)))
-    _, x_in, _ = sample_chain(policy, cond, split.levels, std_floor, torch.Generator().manual_seed(seed))
+    _, x_in, _ = sample_chain(policy, cond, split.levels, std_floor, torch.Generator().manual_seed(seed), split.first)
     mask = _free_mask(policy)
     out = {}
     for s in range(split.levels):
-        level = split.levels - 1 - s
+        level = split.first + split.levels - 1 - s
         t = torch.full((len(cond),), level, dtype=torch.long)
         tuned = policy.schedule.q_posterior(split.tuned(x_in[:, s], t), x_in[:, s], t)[0]
         base = policy.schedule.q_posterior(split.base(x_in[:, s], t), x_in[:, s], t)[0]
@@ -730,7 +742,7 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
     base = _load_base(cfg.planner)
     if state["base_sha256"] != base.sha256:
         raise CheckpointError(f"{ckpt_path} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
-    policy = _policy(base, int(state["levels"]))
+    policy = _policy(base, int(state["levels"]), int(state.get("first_level", 0)))
     policy.model.tuned.load_state_dict(state["tuned"])
     # Only the tuned steps: the pretrained network is the base planner's own file, which the loader finds by its SHA-256.
     tensors = {f"net.model.tuned.{k}": v.contiguous() for k, v in policy.model.tuned.state_dict().items()}
@@ -746,7 +758,8 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
         "file": path.name,
         "finetuned_from": {"name": cfg.planner, "file": base.path.name, "sha256": base.sha256},
         "finetune": {
-            "method": "DPPO: PPO over the last K denoising steps", "run": Path(run_dir).name, "levels": int(state["levels"]), "config": state["config"],
+            "method": "DPPO: PPO over the last K denoising steps", "run": Path(run_dir).name, "levels": int(state["levels"]),
+            "first_level": int(state.get("first_level", 0)), "config": state["config"],
             "iterations": int(state["iteration"]), "env_steps": int(state["env_steps"]), "wall_time_s": round(float(state["wall_time"]), 1),
             "command": finetune_command(cfg, f"runs/{Path(run_dir).name}"), "learning_curve": curve,
         },

@@ -190,24 +190,26 @@ class TemporalUnet(nn.Module):
 
 
 class LevelSplit(nn.Module):
-    """Two denoisers of one shape: ``tuned`` at the noise levels below ``levels``, ``base`` above.
+    """Two denoisers of one shape: ``tuned`` at the ``levels`` noise levels from ``first`` up, ``base`` at the others.
 
     DPPO (Ren et al. 2024) fine-tunes only the last K denoising steps with reinforcement learning and
     keeps the pretrained network for the noisier ones; this module is that pair, a drop-in
     :class:`TemporalUnet` for :class:`~diffusion_rl.diffusion.GaussianDiffusion`.
     """
 
-    def __init__(self, base: TemporalUnet, tuned: TemporalUnet, levels: int):
+    def __init__(self, base: TemporalUnet, tuned: TemporalUnet, levels: int, first: int = 0):
         super().__init__()
         if base.cfg != tuned.cfg:
             raise ValueError(f"The two denoisers of a LevelSplit must have one shape, got {base.cfg} and {tuned.cfg}.")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be a positive integer, got {levels!r}.")
-        self.cfg, self.base, self.tuned, self.levels = base.cfg, base, tuned, levels
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ValueError(f"first must be a non-negative integer, got {first!r}.")
+        self.cfg, self.base, self.tuned, self.levels, self.first = base.cfg, base, tuned, levels, first
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *condition) -> torch.Tensor:
-        """The tuned network's output where t < levels, the base network's elsewhere."""
-        low = t < self.levels
+        """The tuned network's output where first <= t < first + levels, the base network's elsewhere."""
+        low = (t >= self.first) & (t < self.first + self.levels)
         if bool(low.all()):
             return self.tuned(x, t, *condition)
         if not bool(low.any()):

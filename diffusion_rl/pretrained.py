@@ -238,7 +238,8 @@ def load_network(path: str | os.PathLike) -> tuple[GaussianDiffusion | ValueNet,
     if kind == "diffuser" and meta.get("finetune"):  # a fine-tuned planner: the pretrained network and its tuned copy
         from diffusion_rl.models import LevelSplit, TemporalUnet
 
-        net.model = LevelSplit(net.model, TemporalUnet(net.model.cfg), int(meta["finetune"]["levels"]))
+        net.model = LevelSplit(net.model, TemporalUnet(net.model.cfg), int(meta["finetune"]["levels"]),
+                               int(meta["finetune"].get("first_level", 0)))
         tensors = {**_base_tensors(path, meta["finetuned_from"]), **tensors}
     _load_state(net, {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}, path)
     try:

@@ -3,6 +3,7 @@ after a SIGKILL, refusal of bad options and changed resumes, and the exported pl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -117,6 +118,17 @@ def test_a_negative_rate_in_e_notation_reaches_its_check_and_parse_errors_take_o
     assert not out.exists()
 
 
+def test_with_the_last_step_pretrained_k_counts_the_levels_above_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--run-dir", str(out), "--pretrained-last-step", "True", "--finetune-steps", "20", "--no-progress"]) == 2
+    assert "--finetune-steps (K) must be an integer in 1..19, got 20." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--run-dir", str(out), "--pretrained-last-step", "maybe"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "expected true or false, got 'maybe'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_an_anchor_placed_without_a_coefficient_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--run-dir", str(out), "--anchor-on", "states", "--no-progress"]) == 2
@@ -226,6 +238,40 @@ def test_the_trained_steps_have_a_floor_and_the_last_step_gets_noise():
     assert torch.all(x0[:, 0, 6:] == 0), "every step keeps the real state in the first row"
 
 
+def test_with_the_last_step_pretrained_the_trained_steps_sit_above_it_and_the_plan_is_its_mean():
+    base = pretrained.load_network(pretrained.asset_path("walker2d-h8"))[0]
+    tuned = TemporalUnet(base.model.cfg)  # untrained: any step it takes shows
+    policy = copy.deepcopy(base)
+    policy.model = LevelSplit(base.model, tuned, 4, first=1)
+    cond = torch.zeros(3, 17)
+    x0, x_in, x_out = ft.sample_chain(policy, cond, 4, 0.1, torch.Generator().manual_seed(0), first=1)
+    assert x_in.shape == x_out.shape == (3, 4, 8, 23) and torch.equal(x_in[:, 1:], x_out[:, :-1])
+    t0 = torch.zeros(3, dtype=torch.long)
+    mean, _ = base.p_mean_log_variance(x_out[:, -1], t0)  # level 0: the pretrained network, no noise
+    torch.testing.assert_close(x0[:, 1:], mean[:, 1:])
+    torch.testing.assert_close(x0[:, 0, :6], mean[:, 0, :6])
+    assert torch.equal(policy.model(x_out[:, -1], t0), base.model(x_out[:, -1], t0))
+    t1 = torch.ones(3, dtype=torch.long)
+    assert torch.equal(policy.model(x_in[:, -1], t1), tuned(x_in[:, -1], t1)), "level 1 is the lowest trained step"
+    assert ft.first_level(replace(TINY, pretrained_last_step=True)) == 1 and ft.first_level(TINY) == 0
+
+
+def test_a_run_with_the_last_step_pretrained_exports_and_loads_with_its_levels(tmp_path):
+    run = tmp_path / "last"
+    ft.finetune(replace(TINY, iterations=2, pretrained_last_step=True), run, progress=False)
+    assert load_checkpoint(run / "checkpoint.pt", kind="finetune")["first_level"] == 1
+    meta = ft.export_finetuned(run, "tiny-last", tmp_path)
+    assert (meta["finetune"]["levels"], meta["finetune"]["first_level"]) == (2, 1)
+    net = pretrained.load_network(tmp_path / "tiny-last-diffuser.safetensors")[0]
+    assert (net.model.levels, net.model.first) == (2, 1)
+    from diffusion_rl.planner import Planner
+
+    kl = ft.chain_kl(Planner(net, pretrained.load_network(pretrained.asset_path("walker2d-h8"))[1]), np.zeros((2, 17), np.float32))
+    assert list(kl) == [2, 1] and kl[1] > 0, "the trained levels, the lowest moved by the actor update"
+    planner = ft.planner_from_run(run, with_value=False)
+    assert (planner.diffusion.model.levels, planner.diffusion.model.first) == (2, 1)
+
+
 def test_level_split_routes_each_row_by_its_level():
     cfg = UNetConfig(transition_dim=5, dim=8)
     torch.manual_seed(0)
@@ -237,6 +283,11 @@ def test_level_split_routes_each_row_by_its_level():
     torch.testing.assert_close(out[2:], base(x[2:], t[2:]))
     with pytest.raises(ValueError, match="one shape"):
         LevelSplit(base, TemporalUnet(UNetConfig(transition_dim=6, dim=8)), 3)
+    above = LevelSplit(base, tuned, 3, first=1)(x, t)  # levels 1..3 tuned: t = 2 and 3 here, not 0 or 7
+    torch.testing.assert_close(above[[0, 3]], base(x[[0, 3]], t[[0, 3]]))
+    torch.testing.assert_close(above[1:3], tuned(x[1:3], t[1:3]))
+    with pytest.raises(ValueError, match="first must be"):
+        LevelSplit(base, tuned, 3, first=-1)
 
 
 def test_gae_ends_at_a_fall_and_bootstraps_at_a_time_limit():
