@@ -597,6 +597,17 @@ def read_curve(run_dir: str | os.PathLike) -> list[dict]:
 # ----------------------------------------------------------------------------- using a run
 
 
+def _tuned_policy(state: dict, where: Path) -> tuple[FinetuneConfig, _Base, GaussianDiffusion]:
+    """A checkpoint's options, its base planner (still the one it was tuned from) and its fine-tuned chain."""
+    cfg = FinetuneConfig(**state["config"])
+    base = _load_base(cfg.planner)
+    if state["base_sha256"] != base.sha256:
+        raise CheckpointError(f"{where} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
+    policy = _policy(base, int(state["levels"]), int(state.get("first_level", 0)))
+    policy.model.tuned.load_state_dict(state["tuned"])
+    return cfg, base, policy
+
+
 def planner_from_run(run_dir: str | os.PathLike, snapshot: int | None = None, with_value: bool = True):
     """A :class:`~diffusion_rl.planner.Planner` from a run's checkpoint, or from its snapshot after iteration ``snapshot``."""
     from safetensors.torch import load_file
@@ -606,14 +617,8 @@ def planner_from_run(run_dir: str | os.PathLike, snapshot: int | None = None, wi
 
     run_dir = Path(run_dir)
     state = load_checkpoint(run_dir / "checkpoint.pt", kind="finetune")
-    cfg = FinetuneConfig(**state["config"])
-    base = _load_base(cfg.planner)
-    if state["base_sha256"] != base.sha256:
-        raise CheckpointError(f"{run_dir} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
-    policy = _policy(base, int(state["levels"]), int(state.get("first_level", 0)))
-    if snapshot is None:
-        policy.model.tuned.load_state_dict(state["tuned"])
-    else:
+    cfg, base, policy = _tuned_policy(state, run_dir)
+    if snapshot is not None:
         path = run_dir / "snapshots" / f"iter-{snapshot:04d}.safetensors"
         if not path.exists():
             kept = sorted(int(p.stem[5:]) for p in (run_dir / "snapshots").glob("iter-*.safetensors"))
@@ -738,12 +743,7 @@ def export_finetuned(run_dir: str | os.PathLike, name: str, out_dir: str | os.Pa
 
     ckpt_path = Path(run_dir) / "checkpoint.pt"
     state = load_checkpoint(ckpt_path, kind="finetune")
-    cfg = FinetuneConfig(**state["config"])
-    base = _load_base(cfg.planner)
-    if state["base_sha256"] != base.sha256:
-        raise CheckpointError(f"{ckpt_path} was tuned from a base planner that is no longer the shipped {cfg.planner}.")
-    policy = _policy(base, int(state["levels"]), int(state.get("first_level", 0)))
-    policy.model.tuned.load_state_dict(state["tuned"])
+    cfg, base, policy = _tuned_policy(state, ckpt_path)
     # Only the tuned steps: the pretrained network is the base planner's own file, which the loader finds by its SHA-256.
     tensors = {f"net.model.tuned.{k}": v.contiguous() for k, v in policy.model.tuned.state_dict().items()}
     tensors["normalizer.shift"] = torch.as_tensor(base.normalizer.shift).contiguous()

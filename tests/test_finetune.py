@@ -107,14 +107,20 @@ def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, option, value, s
     assert not out.exists()
 
 
+def _parse_error(argv: list[str], capsys) -> str:
+    """argparse's refusal of ``argv``: exit code 2 and one line on stderr, returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    return err
+
+
 def test_a_negative_rate_in_e_notation_reaches_its_check_and_parse_errors_take_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--run-dir", str(out), "--actor-lr", "-1e-5", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == "error: --actor-lr must be a finite number > 0, got -1e-05."
-    with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--run-dir", str(out), "--window", "x"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "invalid int value: 'x'" in err and len(err.strip().splitlines()) == 1
+    assert "invalid int value: 'x'" in _parse_error(["finetune", "--run-dir", str(out), "--window", "x"], capsys)
     assert not out.exists()
 
 
@@ -122,10 +128,8 @@ def test_with_the_last_step_pretrained_k_counts_the_levels_above_it(tmp_path, ca
     out = tmp_path / "run"
     assert main(["finetune", "--run-dir", str(out), "--pretrained-last-step", "True", "--finetune-steps", "20", "--no-progress"]) == 2
     assert "--finetune-steps (K) must be an integer in 1..19, got 20." in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--run-dir", str(out), "--pretrained-last-step", "maybe"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "expected true or false, got 'maybe'" in err and len(err.strip().splitlines()) == 1
+    err = _parse_error(["finetune", "--run-dir", str(out), "--pretrained-last-step", "maybe"], capsys)
+    assert "expected true or false, got 'maybe'" in err
     assert not out.exists()
 
 
